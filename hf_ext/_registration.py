@@ -1,0 +1,69 @@
+"""Registration of hf_ext's classes with the libraries it extends.
+
+Each entry of `_REGISTRATION_MODULES` names a module that defines ``register()``; importing
+``hf_ext`` calls each once. ``register()`` must be idempotent: a second call, or a call after the
+module was reloaded, leaves one registration in place, and a class the user registered under the
+same name is left alone (with a warning).
+"""
+
+import importlib
+import logging
+
+logger = logging.getLogger(__name__)
+
+# Each method whose classes need registering adds its module here.
+_REGISTRATION_MODULES: list[str] = []
+
+_done: set[str] = set()
+
+
+def register_all() -> None:
+    """Call ``register()`` of every registration module not registered yet in this process."""
+    for module_name in _REGISTRATION_MODULES:
+        if module_name in _done:
+            continue
+        importlib.import_module(module_name).register()
+        _done.add(module_name)
+
+
+def _same_class(a: type, b: type) -> bool:
+    # A reloaded module gives a new class object with the same qualified name.
+    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
+
+
+def register_auto_classes(config_cls: type, auto_to_model: dict) -> None:
+    """Register ``config_cls`` with ``AutoConfig`` and each model class with its Auto class.
+
+    Args:
+        config_cls: a ``PreTrainedConfig`` subclass with a ``model_type``.
+        auto_to_model: maps an Auto class (``AutoModel``, ``AutoModelForCausalLM``, ...) to the model
+            class it should build for ``config_cls``.
+
+    A name that already maps to one of our classes (a second import, a reload) is re-pointed at the
+    current class; a name that maps to a foreign class stays the user's, with a warning.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config_cls.model_type
+    existing = CONFIG_MAPPING._extra_content.get(model_type)
+    if existing is not None and not _same_class(existing, config_cls):
+        logger.warning(
+            "model_type %r is already registered to %s.%s; hf_ext leaves it as it is.",
+            model_type,
+            existing.__module__,
+            existing.__qualname__,
+        )
+        return
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
+    for auto_cls, model_cls in auto_to_model.items():
+        mapping = auto_cls._model_mapping
+        previous = [c for k, c in mapping._extra_content.items() if k.model_type == model_type]
+        for key in [k for k in mapping._extra_content if k.model_type == model_type]:
+            del mapping._extra_content[key]  # a stale key from an earlier import of the config module
+        if previous and not _same_class(previous[0], model_cls):
+            logger.warning("%s already mapped %r to %s; re-pointing it.", auto_cls.__name__, model_type, previous[0])
+        auto_cls.register(config_cls, model_cls, exist_ok=True)
+
+
+__all__ = ["register_all", "register_auto_classes"]

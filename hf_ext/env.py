@@ -1,0 +1,38 @@
+"""`hf-ext env`: the versions that matter for a bug report, and the device."""
+
+import argparse
+import importlib.metadata
+import platform
+
+_PACKAGES = ["hf-ext", "torch", "transformers", "trl", "peft", "diffusers", "accelerate", "datasets",
+             "huggingface_hub", "safetensors", "scipy", "flash-linear-attention"]
+
+
+def collect_env() -> dict[str, str]:
+    """Python, platform, package versions ("not installed" where missing) and the torch device."""
+    info = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = "not installed"
+    import torch
+
+    if torch.cuda.is_available():
+        info["device"] = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    else:
+        info["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    return info
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def run(args: argparse.Namespace) -> int:
+    for key, value in collect_env().items():
+        print(f"- {key}: {value}")
+    return 0
+
+
+__all__ = ["collect_env"]
