@@ -1,0 +1,1 @@
+"""transformers-style model folders, one per model_type."""
