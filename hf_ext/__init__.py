@@ -15,6 +15,7 @@ _LAZY_IMPORTS: dict[str, list[str]] = {
     "hf_ext.model_card": ["render_model_card", "save_model_card"],
     "hf_ext.merging": ["interpolate_checkpoints", "interpolate_models"],
     "hf_ext.models.palbert": ["PalbertConfig", "PalbertForSequenceClassification"],
+    "hf_ext.trainers.trdpo": ["TRDPOConfig", "TRDPOTrainer"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
