@@ -1,0 +1,1 @@
+"""PEFT tuners shipped by hf_ext: AoT P-Tuning (`hf_ext.tuners.aot_ptuning`)."""

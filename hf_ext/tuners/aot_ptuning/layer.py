@@ -1,0 +1,247 @@
+"""AoT P-Tuning layers: per-token biases added before a Transformer layer (arXiv 2305.10835, §3).
+
+A wrapped layer l computes ``base_layer(H + P_l[x])``, with ``H`` the hidden states ``[B, T, d]`` that enter
+the layer and ``x`` the token ids ``[B, T]`` of the same positions. ``P_l`` is a ``|V| x d`` table produced by a
+reparametrization while training and computed once ("collapsed") for inference, where a layer then costs one
+row gather and one add.
+
+The token ids reach the layers through `AoTTokenIds`: a forward pre-hook on the model's input embedding stores
+the ids that the embedding is about to look up, so with a KV cache each generated position uses its own id.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+class AoTTokenIds:
+    """The token ids of the forward pass in progress, shared by the AoT layers of one model.
+
+    `reset` runs before the model's forward (so ids from an earlier call are never reused) and `capture` before
+    its input embedding's forward. It is a plain object, not a module: the embedding stays owned by the model.
+
+    Args:
+        embedding: the model's input embedding; its frozen weight is the matrix ``E`` of the FC reparametrization.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        self.embedding = embedding
+        self.input_ids: Optional[torch.Tensor] = None
+        self.handles: list = []
+
+    def install(self, model: nn.Module) -> None:
+        self.handles = [
+            model.register_forward_pre_hook(self.reset, with_kwargs=True),
+            self.embedding.register_forward_pre_hook(self.capture, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def reset(self, module, args, kwargs) -> None:
+        self.input_ids = None
+
+    def capture(self, module, args, kwargs) -> None:
+        input_ids = args[0] if args else kwargs["input"]
+        vocab_size = self.embedding.num_embeddings
+        # Checked here, once per forward, so that a bad id gives this message rather than a CUDA device assert.
+        out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
+        if out_of_range.any():
+            bad = input_ids[out_of_range][0].item()
+            raise ValueError(
+                f"`input_ids` holds the token id {bad}, outside the AoT P-Tuning tables of {vocab_size} rows "
+                f"(allowed: 0 to {vocab_size - 1})."
+            )
+        self.input_ids = input_ids
+
+    def for_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The ids ``[B, T]`` of the positions in ``hidden_states`` ``[B, T, d]``."""
+        if self.input_ids is None:
+            raise ValueError(
+                "AoT P-Tuning adds a bias chosen by each position's token id, but this forward pass did not run the "
+                "input embedding on `input_ids` (was it called with `inputs_embeds` only?). Pass `input_ids`."
+            )
+        if self.input_ids.shape != hidden_states.shape[:-1]:
+            raise ValueError(
+                f"The token ids seen by the input embedding have shape {tuple(self.input_ids.shape)}, but the hidden "
+                f"states entering an AoT layer have shape {tuple(hidden_states.shape)}: AoT P-Tuning needs one token "
+                "id per position."
+            )
+        return self.input_ids
+
+
+class AoTFCTable(nn.Module):
+    """FC reparametrization ``P = relu(E W1 + b1) W2 + b2`` over the frozen input embeddings ``E`` (paper §3.1).
+
+    ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted model starts as the base model (our choice).
+    """
+
+    def __init__(self, embedding_dim: int, hidden_size: int, out_dim: int):
+        super().__init__()
+        self.in_weight = nn.Parameter(torch.empty(embedding_dim, hidden_size))  # W1
+        self.in_bias = nn.Parameter(torch.zeros(hidden_size))  # b1
+        self.out_weight = nn.Parameter(torch.zeros(hidden_size, out_dim))  # W2
+        self.out_bias = nn.Parameter(torch.zeros(out_dim))  # b2
+        nn.init.xavier_uniform_(self.in_weight)
+
+    def rows(self, token_ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """Rows ``P[x]`` ``[..., d]`` for ids ``x``; gathering ``E[x]`` first gives the same rows at batch cost."""
+        embedded = embedding_weight.detach()[token_ids].to(self.in_weight.dtype)  # E is frozen
+        return F.relu(embedded @ self.in_weight + self.in_bias) @ self.out_weight + self.out_bias
+
+    def table(self, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """The whole table ``P`` ``[V, d]``."""
+        return self.rows(torch.arange(embedding_weight.shape[0], device=embedding_weight.device), embedding_weight)
+
+
+class AoTKroneckerTable(nn.Module):
+    """Kronecker reparametrization ``P = (WL ⊗ WM) WR`` (paper §3.1).
+
+    ``WL`` and ``WM`` are ``a x r`` with ``a = ceil(sqrt(|V|))``, so ``WL ⊗ WM`` has ``a² >= |V|`` rows; row
+    ``x = i a + j`` of it is the outer product ``WL[i] ⊗ WM[j]`` flattened, and rows past |V| are never used.
+    ``WR`` (r² x d) starts at zero (our choice, so the adapted model starts as the base model); ``WL`` and ``WM``
+    start from N(0, 1/r) so a row of ``WL ⊗ WM`` has about unit norm.
+    """
+
+    def __init__(self, vocab_size: int, rank: int, out_dim: int):
+        super().__init__()
+        self.side = math.ceil(math.sqrt(vocab_size))
+        self.vocab_size = vocab_size
+        self.left = nn.Parameter(torch.randn(self.side, rank) / math.sqrt(rank))  # WL
+        self.middle = nn.Parameter(torch.randn(self.side, rank) / math.sqrt(rank))  # WM
+        self.right = nn.Parameter(torch.zeros(rank * rank, out_dim))  # WR
+
+    def rows(self, token_ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        left = self.left[token_ids // self.side]  # [..., r]
+        middle = self.middle[token_ids % self.side]  # [..., r]
+        kronecker_rows = (left.unsqueeze(-1) * middle.unsqueeze(-2)).flatten(-2)  # [..., r*r]
+        return kronecker_rows @ self.right
+
+    def table(self, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return self.rows(torch.arange(self.vocab_size, device=self.left.device), embedding_weight)
+
+
+class AoTRawTable(nn.Module):
+    """No reparametrization: ``P`` is trained directly, from zero. Also the form of loaded collapsed tables."""
+
+    def __init__(self, vocab_size: int, out_dim: int):
+        super().__init__()
+        self.table_weight = nn.Parameter(torch.zeros(vocab_size, out_dim))
+
+    def rows(self, token_ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.table_weight)
+
+    def table(self, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return self.table_weight
+
+
+def build_table(config, vocab_size: int, embedding_dim: int, hidden_size: int) -> nn.Module:
+    """The reparametrization module that `config.reparametrization` names."""
+    if config.reparametrization == "fc":
+        return AoTFCTable(embedding_dim, config.fc_hidden_size, hidden_size)
+    if config.reparametrization == "kronecker":
+        return AoTKroneckerTable(vocab_size, config.kronecker_rank, hidden_size)
+    return AoTRawTable(vocab_size, hidden_size)
+
+
+class AoTPTuningLayer(nn.Module, BaseTunerLayer):
+    """A Transformer layer with AoT P-Tuning biases added to its input hidden states.
+
+    Args:
+        base_layer: the wrapped Transformer layer; its first argument (or `hidden_states=`) is ``H`` ``[B, T, d]``.
+        token_ids: the model's shared `AoTTokenIds`.
+    """
+
+    adapter_layer_names = ("aot_reparam",)
+    other_param_names = ("aot_collapsed",)
+
+    def __init__(self, base_layer: nn.Module, token_ids: AoTTokenIds):
+        super().__init__()
+        self.base_layer = base_layer
+        self.aot_reparam = nn.ModuleDict()
+        self.aot_collapsed = BufferDict(persistent=False)  # adapter -> P_l [V, d], filled by `collapse`
+        self.token_ids = token_ids
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, config, vocab_size: int, embedding_dim: int, hidden_size: int) -> None:
+        """Add the reparametrization of adapter `adapter_name`, on the device of the base layer's weights."""
+        table = build_table(config, vocab_size, embedding_dim, hidden_size)
+        self.aot_reparam[adapter_name] = table.to(next(self.base_layer.parameters()).device)
+        self.set_adapter(self.active_adapters)
+
+    def train(self, mode: bool = True):
+        # Tables collapsed before training would go stale as soon as the reparametrization moves.
+        if mode:
+            self.aot_collapsed.clear()
+        return super().train(mode)
+
+    @torch.no_grad()
+    def collapse(self, adapter_name: str) -> None:
+        """Compute the table ``P_l`` of `adapter_name` once, in the dtype of the base layer, for inference."""
+        reparam = self.aot_reparam[adapter_name]
+        if isinstance(reparam, AoTRawTable):
+            return  # already a table: looking it up costs the same gather
+        dtype = next(self.base_layer.parameters()).dtype
+        self.aot_collapsed[adapter_name] = reparam.table(self.token_ids.embedding.weight).to(dtype)
+
+    def table(self, adapter_name: str) -> torch.Tensor:
+        """The full table ``P_l`` ``[V, d]`` of `adapter_name` (collapsed if it was, else computed now)."""
+        if adapter_name in self.aot_collapsed:
+            return self.aot_collapsed[adapter_name]
+        return self.aot_reparam[adapter_name].table(self.token_ids.embedding.weight)
+
+    def bias(self, adapter_name: str, token_ids: torch.Tensor) -> torch.Tensor:
+        """``P_l[x]`` ``[..., d]`` of `adapter_name` for token ids ``x``."""
+        if adapter_name in self.aot_collapsed:
+            return F.embedding(token_ids, self.aot_collapsed[adapter_name])  # one gather
+        return self.aot_reparam[adapter_name].rows(token_ids, self.token_ids.embedding.weight)
+
+    def _mixed_batch_bias(self, hidden_states: torch.Tensor, token_ids: torch.Tensor, adapter_names) -> torch.Tensor:
+        """Bias ``[B, T, d]`` where example b uses adapter ``adapter_names[b]`` (``"__base__"``: none)."""
+        if len(adapter_names) != hidden_states.shape[0]:
+            raise ValueError(
+                f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
+                f"of {hidden_states.shape[0]}."
+            )
+        bias = torch.zeros_like(hidden_states)
+        for adapter_name in set(adapter_names):
+            if adapter_name not in self.aot_reparam:
+                continue  # "__base__", or an adapter that does not target this layer
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+            index = torch.tensor(rows, device=hidden_states.device)
+            bias[index] = self.bias(adapter_name, token_ids[index]).to(hidden_states.dtype)
+        return bias
+
+    def forward(self, hidden_states: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        if self.disable_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.aot_reparam]
+        if adapter_names is None and not active:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        token_ids = self.token_ids.for_hidden_states(hidden_states)  # [B, T]
+        if adapter_names is not None:
+            bias = self._mixed_batch_bias(hidden_states, token_ids, adapter_names)
+        else:
+            bias = sum(self.bias(name, token_ids) for name in active)
+        # H_l <- H_l + P_l[x] (paper §3), then the layer itself
+        return self.base_layer(hidden_states + bias.to(hidden_states.dtype), *args, **kwargs)
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+        # merge=True is refused earlier, by AoTPTuningModel._check_merge_allowed
+        return self.base_layer
+
+    def __repr__(self) -> str:
+        return "aot_ptuning." + super().__repr__()
+
+
+__all__ = ["AoTFCTable", "AoTKroneckerTable", "AoTPTuningLayer", "AoTRawTable", "AoTTokenIds", "build_table"]

@@ -1,0 +1,229 @@
+"""AoT P-Tuning as a PEFT tuner ("Ahead-of-Time P-Tuning", Gavrilov & Balagansky, arXiv 2305.10835)."""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from functools import partial
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import AoTPTuningConfig
+from .layer import AoTPTuningLayer, AoTTokenIds
+
+# Where transformers keeps its Transformer layers: BERT/RoBERTa/DeBERTa `encoder.layer`, Llama `model.layers`,
+# GPT-2 `transformer.h`, T5 `block`, others `blocks`.
+LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+def find_layers_pattern(model: nn.Module) -> str:
+    """A regex that matches the names of the model's Transformer layers, e.g. ``roberta\\.encoder\\.layer\\.\\d+``.
+
+    Looks for the `nn.ModuleList` named one of `LAYER_LIST_NAMES` with as many entries as the model config's
+    `num_hidden_layers`.
+
+    Raises:
+        ValueError: no such list, or more than one.
+    """
+    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name.rpartition(".")[2] in LAYER_LIST_NAMES
+        and (num_layers is None or len(module) == num_layers)
+    ]
+    if len(candidates) != 1:
+        found = f"found several: {candidates}" if candidates else "found none"
+        raise ValueError(
+            f"AoT P-Tuning could not find the Transformer layers of {type(model).__name__}: it looked for one "
+            f"`nn.ModuleList` named one of {list(LAYER_LIST_NAMES)} with {num_layers} entries "
+            f"(config.num_hidden_layers) and {found}. Pass `target_modules` with the layers' names or a regex."
+        )
+    return rf"{re.escape(candidates[0])}\.\d+"
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding:
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(
+            f"AoT P-Tuning needs a model whose `get_input_embeddings()` returns an `nn.Embedding` (the token ids are "
+            f"taken from its input), got {type(embedding).__name__} from {type(model).__name__}."
+        )
+    return embedding
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    return args, {**kwargs, "adapter_names": adapter_names}
+
+
+class AoTPTuningModel(BaseTuner):
+    """Adds AoT P-Tuning biases ``H_l <- H_l + P_l[x]`` before every Transformer layer of a model (paper §3).
+
+    Built by `peft.get_peft_model(model, AoTPTuningConfig(...))` once `hf_ext` is imported. The token ids are
+    taken from the model's input embedding (a forward pre-hook), so the model must be called with `input_ids`;
+    under `generate()` with a KV cache each new position uses its own id.
+
+    Several adapters can serve one batch: pass `adapter_names=[name_per_example]` (`"__base__"` for none) to
+    the `PeftModel`'s forward or `generate`, as with LoRA. Heads trained through `modules_to_save` follow the
+    same per-example choice.
+
+    For inference call `collapse()`: each layer then holds ``P_l`` as a table and costs one gather and one add.
+    Tables are dropped again when the model is put in training mode. AoT biases depend on the token ids, so
+    they cannot be merged into the weights: `merge_and_unload()` raises, `unload()` returns the base model.
+
+    Args:
+        model: a transformers model with `get_input_embeddings()` and a list of Transformer layers.
+        config: the `AoTPTuningConfig`.
+        adapter_name: name of the first adapter.
+
+    Examples:
+
+    ```python
+    >>> import torch, hf_ext
+    >>> from peft import get_peft_model
+    >>> from hf_ext import AoTPTuningConfig
+    >>> from hf_ext.testing import tiny_gpt2
+    >>> model = get_peft_model(tiny_gpt2(), AoTPTuningConfig(task_type="CAUSAL_LM", reparametrization="kronecker"))
+    >>> model.base_model.collapse()
+    >>> model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape
+    torch.Size([1, 5])
+    ```
+    """
+
+    prefix: str = "aot_"
+    tuner_layer_cls = AoTPTuningLayer
+    target_module_mapping: dict = {}  # the layers are found in the model, see `find_layers_pattern`
+
+    def _prepare_adapter_config(self, peft_config: AoTPTuningConfig, model_config: dict) -> AoTPTuningConfig:
+        return peft_config  # `target_modules` needs the model itself, so it is filled in by `_prepare_model`
+
+    def _prepare_model(self, peft_config: AoTPTuningConfig, model: nn.Module) -> None:
+        """Check the vocabulary, find the layers and install the token-id hooks, before any module is replaced."""
+        embedding = _input_embedding(model)
+        if peft_config.vocab_size is None:
+            peft_config.vocab_size = embedding.num_embeddings
+        elif peft_config.vocab_size != embedding.num_embeddings:
+            raise ValueError(
+                f"The AoT P-Tuning adapter has tables of `vocab_size`={peft_config.vocab_size} rows, but the model's "
+                f"input embedding has {embedding.num_embeddings} rows: the adapter was trained for another vocabulary."
+            )
+        if peft_config.target_modules is None:
+            peft_config.target_modules = find_layers_pattern(model)
+        if "_aot_token_ids" not in self.__dict__:
+            self._aot_token_ids = AoTTokenIds(embedding)
+            self._aot_token_ids.install(model)
+
+    def _create_and_replace(
+        self,
+        peft_config: AoTPTuningConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        embedding = self._aot_token_ids.embedding
+        sizes = dict(
+            vocab_size=peft_config.vocab_size,
+            embedding_dim=embedding.embedding_dim,
+            hidden_size=self.model.config.hidden_size,
+        )
+        if isinstance(target, AoTPTuningLayer):
+            target.update_layer(adapter_name, peft_config, **sizes)
+            return
+        new_module = AoTPTuningLayer(target, self._aot_token_ids)
+        new_module.update_layer(adapter_name, peft_config, **sizes)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # A Transformer layer has no single `weight` to copy or take the device from (PEFT's generic version
+        # assumes one); `update_layer` already put the adapter on the layer's device.
+        setattr(parent, child_name, new_module)
+
+    def _aot_layers(self) -> list[AoTPTuningLayer]:
+        return [module for module in self.model.modules() if isinstance(module, AoTPTuningLayer)]
+
+    def collapse(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Compute every layer's table ``P_l`` once for inference (all adapters if `adapter_names` is None).
+
+        The model must be in eval mode (`model.eval()`): putting it back in training mode drops the tables.
+        """
+        if self.training:
+            raise ValueError("`collapse()` is for inference: call `model.eval()` first.")
+        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        unknown = sorted(set(names) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"`adapter_names` contains unknown adapters {unknown}; known: {sorted(self.peft_config)}.")
+        for layer in self._aot_layers():
+            for name in names:
+                if name in layer.aot_reparam:
+                    layer.collapse(name)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Route ``adapter_names=[...]`` (one per example) to the AoT layers and `modules_to_save` heads."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of str, one per example, got {adapter_names!r}.")
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - set(self.peft_config))
+        if unknown:
+            raise ValueError(
+                f"`adapter_names` contains unknown adapters {unknown}; known: {sorted(self.peft_config)} and "
+                "'__base__' (no adapter)."
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            # generate() repeats each example num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+        handles = [
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (AoTPTuningLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The adapter's weights; with `config.save_collapsed`, each layer's table in place of its reparametrization."""
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if not config.save_collapsed or config.reparametrization == "none":
+            return to_return
+        for name, layer in model.named_modules():
+            if not isinstance(layer, AoTPTuningLayer) or adapter_name not in layer.aot_reparam:
+                continue
+            prefix = f"{name}.aot_reparam.{adapter_name}."
+            to_return = {key: value for key, value in to_return.items() if not key.startswith(prefix)}
+            with torch.no_grad():
+                table = layer.aot_reparam[adapter_name].table(layer.token_ids.embedding.weight)
+            to_return[prefix + "table_weight"] = table.contiguous()  # the parameter name of `AoTRawTable`
+        return to_return
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            "AoT P-Tuning biases depend on each position's token id, so they cannot be merged into the weights. "
+            "Use `unload()` to get the base model back, or `collapse()` for fast inference."
+        )
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        self._aot_token_ids.remove()
+        return model
+
+
+__all__ = ["AoTPTuningModel", "find_layers_pattern", "LAYER_LIST_NAMES"]
