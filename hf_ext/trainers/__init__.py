@@ -1,0 +1,1 @@
+"""TRL-style trainers: `TRDPOConfig` and `TRDPOTrainer` live in :mod:`hf_ext.trainers.trdpo`."""
