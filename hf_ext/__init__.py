@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # module -> public names it defines; each method adds its own line.
 _LAZY_IMPORTS: dict[str, list[str]] = {
     "hf_ext.model_card": ["render_model_card", "save_model_card"],
+    "hf_ext.models.based": ["BasedConfig", "BasedForCausalLM", "BasedModel"],
     "hf_ext.merging": ["interpolate_checkpoints", "interpolate_models"],
     "hf_ext.models.palbert": ["PalbertConfig", "PalbertForSequenceClassification"],
     "hf_ext.trainers.trdpo": ["TRDPOConfig", "TRDPOTrainer"],
