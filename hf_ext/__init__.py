@@ -18,6 +18,7 @@ _LAZY_IMPORTS: dict[str, list[str]] = {
     "hf_ext.models.palbert": ["PalbertConfig", "PalbertForSequenceClassification"],
     "hf_ext.trainers.trdpo": ["TRDPOConfig", "TRDPOTrainer"],
     "hf_ext.tuners.aot_ptuning": ["AoTPTuningConfig", "AoTPTuningModel"],
+    "hf_ext.generation.caif": ["CAIFLogitsProcessor"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
