@@ -19,6 +19,8 @@ _LAZY_IMPORTS: dict[str, list[str]] = {
     "hf_ext.trainers.trdpo": ["TRDPOConfig", "TRDPOTrainer"],
     "hf_ext.tuners.aot_ptuning": ["AoTPTuningConfig", "AoTPTuningModel"],
     "hf_ext.generation.caif": ["CAIFLogitsProcessor"],
+    "hf_ext.models.ddlm": ["DDLMConfig", "DDLMModel"],
+    "hf_ext.pipelines": ["DDLMPipeline", "DDLMScheduler"],
 }
 
 _NAME_TO_MODULE = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}

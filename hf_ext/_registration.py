@@ -12,7 +12,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 # Each method whose classes need registering adds its module here.
-_REGISTRATION_MODULES: list[str] = ["hf_ext.models.based", "hf_ext.models.palbert", "hf_ext.tuners.aot_ptuning"]
+_REGISTRATION_MODULES: list[str] = ["hf_ext.models.based", "hf_ext.models.palbert", "hf_ext.tuners.aot_ptuning", "hf_ext.models.ddlm"]
 
 _done: set[str] = set()
 
