@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import AuxiliaryTrainingWrapper
+from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .config import AoTPTuningConfig
@@ -59,6 +59,28 @@ def _input_embedding(model: nn.Module) -> nn.Embedding:
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
     return args, {**kwargs, "adapter_names": adapter_names}
+
+
+def _route_by_adapter(wrapper: ModulesToSaveWrapper, adapter_names: list[str], hidden_states, *args, **kwargs):
+    """Run each example through the head copy of its adapter (`"__base__"`: the original head).
+
+    PEFT's own mixed-batch path for `modules_to_save` handles only single `nn.Linear`/`nn.Embedding`/conv
+    modules, while classification heads such as `RobertaClassificationHead` are small stacks of them.
+    """
+    if len(adapter_names) != hidden_states.shape[0]:
+        raise ValueError(
+            f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
+            f"of {hidden_states.shape[0]}."
+        )
+    output = None
+    for name in dict.fromkeys(adapter_names):
+        rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=hidden_states.device)
+        head = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        part = head(hidden_states[rows], *args, **kwargs)
+        if output is None:
+            output = part.new_empty((hidden_states.shape[0], *part.shape[1:]))
+        output[rows] = part
+    return output
 
 
 class AoTPTuningModel(BaseTuner):
@@ -186,17 +208,22 @@ class AoTPTuningModel(BaseTuner):
         if isinstance(num_beams, int) and num_beams > 1:
             # generate() repeats each example num_beams times
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
-        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
-        handles = [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            for module in self.model.modules()
-            if isinstance(module, (AoTPTuningLayer, AuxiliaryTrainingWrapper))
-        ]
+        adapter_names = list(adapter_names)
+        handles, routed_heads = [], []
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.forward = partial(_route_by_adapter, module, adapter_names)  # for this call only
+                routed_heads.append(module)
+            elif isinstance(module, (AoTPTuningLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for module in routed_heads:
+                del module.forward
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -1,0 +1,375 @@
+"""AoTPTuningModel: outputs against a plain reference, collapse, mixed batches, generate, save/load, errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import hf_ext  # noqa: F401  (registers the PEFT type)
+from hf_ext import AoTPTuningConfig
+from hf_ext.testing import tiny_gpt2, tiny_llama, tiny_roberta
+from hf_ext.tuners.aot_ptuning.layer import AoTFCTable, AoTKroneckerTable, AoTPTuningLayer, AoTRawTable
+
+REPARAMETRIZATIONS = ["fc", "kronecker", "none"]
+
+
+def tiny_deberta_v2(seed=0, num_labels=2):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(
+        vocab_size=129, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"], num_labels=num_labels,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return DebertaV2ForSequenceClassification(config).eval()
+
+
+def tiny_bert(seed=0, num_labels=2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=129, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).eval()
+
+
+BUILDERS = {
+    "roberta": (tiny_roberta, "SEQ_CLS"),
+    "bert": (tiny_bert, "SEQ_CLS"),
+    "deberta_v2": (tiny_deberta_v2, "SEQ_CLS"),
+    "gpt2": (tiny_gpt2, "CAUSAL_LM"),
+    "llama": (tiny_llama, "CAUSAL_LM"),
+}
+
+
+def make_peft(arch, reparametrization="fc", seed=0, **config_kwargs):
+    """A PEFT model whose AoT weights are random (the zero init would make every bias 0)."""
+    build, task_type = BUILDERS[arch]
+    config = AoTPTuningConfig(
+        task_type=task_type, reparametrization=reparametrization, fc_hidden_size=8, kronecker_rank=3, **config_kwargs
+    )
+    model = get_peft_model(build(), config)
+    randomize_adapter(model, "default", seed)
+    return model.eval()
+
+
+def randomize_adapter(model, adapter_name, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{adapter_name}." in name and ("aot_reparam" in name or "modules_to_save" in name):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def random_ids(batch=3, length=7, seed=0):
+    return torch.randint(5, 129, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_table(reparam, embedding_weight):
+    """P_l [V, d] written out from the paper's formulas (§3.1), independently of the module code."""
+    if isinstance(reparam, AoTFCTable):
+        return torch.relu(embedding_weight @ reparam.in_weight + reparam.in_bias) @ reparam.out_weight + reparam.out_bias
+    if isinstance(reparam, AoTKroneckerTable):
+        return torch.kron(reparam.left, reparam.middle)[: reparam.vocab_size] @ reparam.right
+    return reparam.table_weight
+
+
+def reference_forward(peft_model, base_model, input_ids, **kwargs):
+    """The base model with `H_l <- H_l + P_l[x]` added by forward pre-hooks, P_l from `reference_table`."""
+    layers = [m for m in peft_model.modules() if isinstance(m, AoTPTuningLayer)]
+    embedding_weight = base_model.get_input_embeddings().weight
+    tables = [reference_table(layer.aot_reparam["default"], embedding_weight) for layer in layers]
+    base_layers = [layer.base_layer for layer in layers]  # the same objects, so unwrap them around the call
+
+    def add_bias(table, module, args, kwargs):
+        if args:
+            return (args[0] + table[input_ids],) + args[1:], kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + table[input_ids]}
+
+    handles = [bl.register_forward_pre_hook(partial(add_bias, t), with_kwargs=True) for bl, t in zip(base_layers, tables)]
+    for layer in layers:  # only the AoT layers: a trained head (modules_to_save) stays in use
+        layer._disable_adapters = True
+    try:
+        return peft_model(input_ids=input_ids, **kwargs)
+    finally:
+        for layer in layers:
+            layer._disable_adapters = False
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+@pytest.mark.parametrize("reparametrization", REPARAMETRIZATIONS)
+def test_matches_reference_and_collapsed(arch, reparametrization):
+    model = make_peft(arch, reparametrization)
+    ids = random_ids()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        expected = reference_forward(model, model.get_base_model(), ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        model.base_model.collapse()
+        collapsed = model(input_ids=ids).logits
+    assert not torch.allclose(out, base, atol=1e-3)  # the biases do act
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(collapsed, out, rtol=1e-5, atol=1e-5)
+
+
+def test_collapsed_tables_dropped_in_training_mode():
+    model = make_peft("roberta", "fc")
+    model.base_model.collapse()
+    layers = [m for m in model.modules() if isinstance(m, AoTPTuningLayer)]
+    assert all("default" in layer.aot_collapsed for layer in layers)
+    model.train()
+    assert not any("default" in layer.aot_collapsed for layer in layers)
+    with pytest.raises(ValueError, match="eval"):
+        model.base_model.collapse()
+
+
+def test_kronecker_rows_are_rows_of_the_kronecker_product():
+    reparam = AoTKroneckerTable(vocab_size=10, rank=3, out_dim=5)
+    nn.init.normal_(reparam.right)
+    ids = torch.tensor([[0, 3, 9], [4, 4, 7]])
+    expected = (torch.kron(reparam.left, reparam.middle) @ reparam.right)[ids]
+    torch.testing.assert_close(reparam.rows(ids, None), expected)
+    assert reparam.left.shape == (4, 3)  # ceil(sqrt(10)) rows
+
+
+@pytest.mark.parametrize("reparametrization", REPARAMETRIZATIONS)
+def test_trainable_parameter_counts(reparametrization):
+    model = get_peft_model(
+        tiny_roberta(), AoTPTuningConfig(reparametrization=reparametrization, fc_hidden_size=8, kronecker_rank=3)
+    )
+    vocab, d, layers = 129, 32, 2
+    per_layer = {
+        "fc": d * 8 + 8 + 8 * d + d,  # W1, b1, W2, b2 (input embedding dim = d here)
+        "kronecker": 2 * math.ceil(math.sqrt(vocab)) * 3 + 3 * 3 * d,  # WL, WM, WR
+        "none": vocab * d,
+    }[reparametrization]
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == layers * per_layer
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "aot_reparam" not in n)
+
+
+def test_initial_adapter_is_identity_and_training_moves_only_adapter_and_head():
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8))
+    ids, labels = random_ids(4), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(out, base)  # zero-initialised last factor: starts as the base model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("aot_reparam.default.out_weight" in n for n in changed)
+    assert any("modules_to_save.default" in n for n in changed)
+    assert all("aot_reparam" in n or "modules_to_save" in n for n in changed)
+
+
+def test_mixed_batch_equals_each_example_alone():
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    randomize_adapter(model, "sst2", 1)
+    randomize_adapter(model, "mnli", 2)
+    model.eval()
+    ids = random_ids(batch=5)
+    names = ["sst2", "mnli", "__base__", "mnli", "sst2"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        alone = []
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone.append(model(input_ids=ids[i : i + 1]).logits)
+            else:
+                model.set_adapter(name)
+                alone.append(model(input_ids=ids[i : i + 1]).logits)
+    alone = torch.cat(alone)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
+
+
+def test_mixed_batch_generate_and_collapsed_tables():
+    model = make_peft("gpt2", "fc")
+    model.add_adapter("other", AoTPTuningConfig(task_type="CAUSAL_LM", reparametrization="none"))
+    randomize_adapter(model, "other", 3)
+    model.eval()
+    model.base_model.collapse()
+    ids = random_ids(batch=2, length=4)
+    names = ["default", "other"]
+    generated = model.generate(input_ids=ids, adapter_names=names, max_new_tokens=5, do_sample=False)
+    for i, name in enumerate(names):
+        model.set_adapter(name)
+        alone = model.generate(input_ids=ids[i : i + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(generated[i : i + 1], alone)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_cache_equals_without(arch):
+    model = make_peft(arch, "kronecker")
+    ids = random_ids(batch=2, length=4)
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(input_ids=ids, use_cache=True, **kwargs)
+    uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-4)
+    # every step saw its own token: the last step's scores equal a full forward over the sequence so far
+    full = reference_forward(model, model.get_base_model(), cached.sequences[:, :-1]).logits[:, -1]
+    torch.testing.assert_close(cached.scores[-1], full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("save_collapsed", [False, True])
+def test_save_load_round_trip(tmp_path, save_collapsed):
+    model = make_peft("roberta", "fc", save_collapsed=save_collapsed)
+    ids = random_ids()
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    saved_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    loaded = PeftModel.from_pretrained(tiny_roberta(), tmp_path).eval()
+    with torch.no_grad():
+        if save_collapsed:
+            model.base_model.collapse()
+        expected = model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    layer_keys = [k for k in saved if "aot_reparam" in k]
+    if save_collapsed:
+        assert saved_config["reparametrization"] == "none"
+        assert sorted(k.rsplit(".", 1)[1] for k in layer_keys) == ["table_weight", "table_weight"]
+        assert all(saved[k].shape == (129, 32) for k in layer_keys)
+        assert isinstance(loaded.base_model.model.roberta.encoder.layer[0].aot_reparam["default"], AoTRawTable)
+    else:
+        assert saved_config["reparametrization"] == "fc"
+        assert len(layer_keys) == 8  # W1, b1, W2, b2 for each of the 2 layers
+        own = model.state_dict()
+        for key, value in loaded.state_dict().items():
+            if "aot_reparam" in key or "modules_to_save" in key:
+                assert torch.equal(value, own[key]), key
+    assert torch.equal(got, expected)  # bit for bit
+
+
+def test_reload_in_new_process_after_import_hf_ext(tmp_path):
+    model = make_peft("roberta", "kronecker")
+    base = tiny_roberta()  # the same seed: the base that `model` wraps
+    base.save_pretrained(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = random_ids()
+    save_file({"input_ids": ids}, tmp_path / "inputs.safetensors")
+    script = textwrap.dedent(
+        f"""
+        import hf_ext, torch
+        from peft import PeftModel
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForSequenceClassification
+        base = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        ids = load_file({str(tmp_path / "inputs.safetensors")!r})["input_ids"]
+        with torch.no_grad():
+            save_file({{"logits": model(input_ids=ids).logits}}, {str(tmp_path / "out.safetensors")!r})
+        print(type(model.base_model).__name__)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "AoTPTuningModel"
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], expected)
+
+
+class _StackModel(nn.Module):
+    """A model whose layers sit in a list with a name AoT does not look for."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(num_hidden_layers=2, hidden_size=8)
+        self.embed = nn.Embedding(10, 8)
+        self.stack = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        for layer in self.stack:
+            hidden = layer(hidden)
+        return hidden
+
+
+def test_error_when_layers_not_found():
+    with pytest.raises(ValueError, match=r"looked for one `nn.ModuleList` named one of \['layer', 'layers', 'h'"):
+        get_peft_model(_StackModel(), AoTPTuningConfig())
+    # naming the layers works
+    model = get_peft_model(_StackModel(), AoTPTuningConfig(target_modules=r"stack\.\d+"))
+    assert sum(isinstance(m, AoTPTuningLayer) for m in model.modules()) == 2
+
+
+def test_error_on_token_ids_outside_the_table():
+    model = make_peft("gpt2", "none")
+    with pytest.raises(ValueError, match=r"token id 129, outside the AoT P-Tuning tables of 129 rows"):
+        model(input_ids=torch.tensor([[3, 129]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(input_ids=torch.tensor([[-1, 3]]))
+
+
+def test_error_on_vocab_size_mismatch_on_load(tmp_path):
+    make_peft("gpt2", "fc").save_pretrained(tmp_path)
+    other_vocab = tiny_gpt2(vocab_size=200)
+    with pytest.raises(ValueError, match=r"`vocab_size`=129 rows, but the model's input embedding has 200 rows"):
+        PeftModel.from_pretrained(other_vocab, tmp_path)
+
+
+def test_error_without_input_ids():
+    model = make_peft("gpt2", "fc")
+    embeds = model.get_base_model().get_input_embeddings()(random_ids())
+    with pytest.raises(ValueError, match="Pass `input_ids`"):
+        model(inputs_embeds=embeds)
+
+
+def test_errors_on_adapter_names():
+    model = make_peft("roberta", "fc")
+    ids = random_ids()
+    with pytest.raises(ValueError, match=r"unknown adapters \['nope'\]"):
+        model(input_ids=ids, adapter_names=["default", "nope", "default"])
+    with pytest.raises(ValueError, match="one adapter per example: got 2 names for a batch of 3"):
+        model(input_ids=ids, adapter_names=["default", "default"])
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=["default"] * 3)
+
+
+def test_merge_refused_and_unload_restores_base():
+    model = make_peft("gpt2", "fc")
+    ids = random_ids()
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    unloaded = model.unload()
+    assert not any(isinstance(m, AoTPTuningLayer) for m in unloaded.modules())
+    with torch.no_grad():
+        assert torch.equal(unloaded(input_ids=ids).logits, base)
+    assert unloaded(inputs_embeds=unloaded.get_input_embeddings()(ids)).logits.shape == base.shape  # hooks removed
