@@ -201,13 +201,13 @@ class BasedConfig(PreTrainedConfig):
         Taylor linear attention (16 heads, feature size 16) at layers 1, 6, 11, 16, 21, sliding-window
         attention at 2, 7, 12, 17, 22, gated short convolutions elsewhere, SwiGLU MLP (2d) in every block,
         RMSNorm and rotary embeddings. The window follows Based's look-back of `w // 2` with `w = 256`.
+        Any field can be overridden (pass `num_hidden_layers` together with `layer_types`).
         """
-        num_layers = kwargs.pop("num_hidden_layers", 27)
-        layer_types = [
-            "linear_attention" if i % 5 == 1 else "sliding_attention" if i % 5 == 2 else "conv" for i in range(num_layers)
-        ]
+        layer_types = ["conv"] * 27
+        for i in (1, 6, 11, 16, 21):
+            layer_types[i], layer_types[i + 1] = "linear_attention", "sliding_attention"
         defaults = dict(
-            hidden_size=1024, num_hidden_layers=num_layers, layer_types=layer_types, num_attention_heads=16,
+            hidden_size=1024, num_hidden_layers=27, layer_types=layer_types, num_attention_heads=16,
             feature_map="taylor", feature_dim=16, sliding_window=129, conv_kernel_size=3, conv_expand=2,
             use_mlp=True, intermediate_size=2048, tie_word_embeddings=True,
         )
