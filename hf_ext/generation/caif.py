@@ -41,16 +41,15 @@ _ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def _resolve_target_label(config, target_label: int | str) -> int:
-    """The class index of ``target_label`` (an index, or a name from ``config.label2id``)."""
+    """The class index of ``target_label`` (an index, or a name from ``config.id2label``)."""
     num_labels = config.num_labels
     if isinstance(target_label, bool) or not isinstance(target_label, (int, str)):
         raise TypeError(f"`target_label` must be an int or a label name, got {type(target_label).__name__}.")
     if isinstance(target_label, str):
-        if target_label not in config.label2id:
-            raise ValueError(
-                f"`target_label` {target_label!r} is not one of the classifier's labels {sorted(config.label2id)}."
-            )
-        return int(config.label2id[target_label])
+        label2id = {name: int(i) for i, name in (config.id2label or {}).items()}  # config.label2id may be unset
+        if target_label not in label2id:
+            raise ValueError(f"`target_label` {target_label!r} is not one of the classifier's labels {sorted(label2id)}.")
+        return label2id[target_label]
     if not 0 <= target_label < num_labels:
         raise ValueError(f"`target_label` must be in [0, {num_labels - 1}] for this classifier, got {target_label}.")
     return target_label
@@ -166,7 +165,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
         lm_tokenizer (`PreTrainedTokenizerBase`):
             The LM's tokenizer; its `pad_token_id` marks the left padding of `input_ids`.
         target_label (`int` or `str`):
-            The attribute `c`: a class index or a name from `classifier.config.label2id`.
+            The attribute `c`: a class index or a name from `classifier.config.id2label`.
         alpha (`float`):
             Strength α of the classifier (the CAIF rule's exponent). Negative values steer away from the attribute.
             `alpha == 0` returns the scores unchanged (plain decoding, no `top_k` cut).
@@ -204,6 +203,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
     >>> out = lm.generate(**inputs, logits_processor=LogitsProcessorList([caif]), do_sample=False, max_new_tokens=4)
     >>> out.shape
     torch.Size([2, 7])
+
     ```
     """
 

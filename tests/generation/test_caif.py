@@ -1,0 +1,338 @@
+"""CAIFLogitsProcessor against its plain reference, hand-computed values and its own other paths."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification, LogitsProcessorList, PreTrainedTokenizerFast
+
+from hf_ext.generation.caif import CAIFLogitsProcessor, _attribute_log_prob, caif_reference_scores
+from hf_ext.testing import get_tiny_tokenizer, tiny_corpus, tiny_gpt2, tiny_roberta
+
+PROMPTS = ["the movie was", "this book seemed really", "the food"]  # different lengths: left padding
+
+
+def _tiny_gpt2_classifier(tokenizer, seed=1, **overrides):
+    """A random 2-layer GPT2ForSequenceClassification. No config pad id: the HF head then reads the last token,
+    which is what the processor reads (the reference calls the head on unpadded sequences)."""
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer), num_labels=2,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **overrides,
+    )
+    torch.manual_seed(seed)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+def _bpe_tokenizer():
+    """A character-level BPE over the tiny corpus without pre-tokenization: merges cross word boundaries, so
+    re-encoding ``prefix + candidate`` can change the prefix's last tokens (the bridge's hard case)."""
+    from tokenizers import Tokenizer, models, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(vocab_size=90, special_tokens=["<pad>", "<unk>"], show_progress=False)
+    backend.train_from_iterator(tiny_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
+def _permuted_tokenizer(tokenizer, seed=0):
+    """The same tokenizer with its non-special ids shuffled, and the permutation ``old id -> new id``."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    specials = set(tokenizer.all_special_ids)
+    movable = sorted(i for i in vocab.values() if i not in specials)
+    shuffled = [movable[j] for j in torch.randperm(len(movable), generator=torch.Generator().manual_seed(seed))]
+    perm = {i: i for i in specials} | dict(zip(movable, shuffled))
+    state["model"]["vocab"] = {tok: perm[i] for tok, i in vocab.items()}
+    backend = Tokenizer.from_str(json.dumps(state))
+    special_tokens = {k: getattr(tokenizer, k) for k in ("pad_token", "bos_token", "eos_token", "unk_token", "mask_token")}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens), perm
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tiny_tokenizer(padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    return tiny_gpt2(seed=0, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def roberta(tok):
+    return tiny_roberta(seed=1, tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def gpt2_cls(tok):
+    return _tiny_gpt2_classifier(tok)
+
+
+def _lm_scores(lm, input_ids, attention_mask):
+    """Next-token logits of the left-padded batch, as generate computes them."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, -1].float()
+
+
+def _greedy_steps(lm, tok, prompts, processors, steps):
+    """Decode greedily with ``processors[0]``, calling every processor on the same inputs at each step.
+
+    Returns the per-step scores of each processor and the generated ids.
+    """
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    input_ids, mask = batch.input_ids, batch.attention_mask
+    history = [[] for _ in processors]
+    for _ in range(steps):
+        scores = _lm_scores(lm, input_ids, mask)
+        outs = [p(input_ids, scores) for p in processors]
+        for h, o in zip(history, outs):
+            h.append(o)
+        next_ids = outs[0].argmax(-1, keepdim=True)
+        input_ids = torch.cat([input_ids, next_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+    return history, input_ids
+
+
+def _assert_same_scores(actual, expected, atol=1e-5):
+    finite = expected.isfinite()
+    assert torch.equal(actual.isfinite(), finite)
+    torch.testing.assert_close(actual[finite], expected[finite], atol=atol, rtol=0)
+
+
+class _Reference:
+    """caif_reference_scores with fixed arguments, callable like a processor."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def __call__(self, input_ids, scores):
+        return caif_reference_scores(input_ids, scores, **self.kwargs)
+
+
+# --- the reference: candidate scores and greedy tokens ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "classifier_name, use_cache, activation, invert",
+    [("roberta", True, "softmax", False), ("gpt2", True, "softmax", False), ("gpt2", False, "sigmoid", True)],
+)
+def test_matches_reference_over_greedy_steps(tok, lm, roberta, gpt2_cls, classifier_name, use_cache, activation, invert):
+    classifier = {"roberta": roberta, "gpt2": gpt2_cls}[classifier_name]
+    kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=4.0,
+                  top_k=12, activation=activation, invert=invert)
+    proc = CAIFLogitsProcessor(**kwargs, use_cache=use_cache)
+    (ours, ref), generated = _greedy_steps(lm, tok, PROMPTS, [proc, _Reference(**kwargs)], steps=4)
+    for a, r in zip(ours, ref):
+        _assert_same_scores(a, r)
+        assert torch.equal(a.argmax(-1), r.argmax(-1))
+    # generate() with the processor picks the same tokens as the step-by-step reference loop.
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = lm.generate(**batch, logits_processor=LogitsProcessorList([CAIFLogitsProcessor(**kwargs, use_cache=use_cache)]),
+                      do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    assert torch.equal(out, generated)
+
+
+def test_candidates_get_the_formula_and_the_rest_minus_inf(tok, roberta):
+    """Hand check of the rule with a classifier whose class logits are fixed at (2, -1) for any text."""
+    classifier = copy.deepcopy(roberta)
+    with torch.no_grad():
+        classifier.classifier.out_proj.weight.zero_()
+        classifier.classifier.out_proj.bias.copy_(torch.tensor([2.0, -1.0]))
+    scores = torch.randn(2, len(tok))
+    input_ids = tok(["the movie", "the food was"], return_tensors="pt", padding=True).input_ids
+    log_p = torch.log_softmax(scores, -1)
+    top = log_p.topk(5, dim=-1).indices
+    cases = {  # (activation, invert) -> log p_cls(target=0), by hand
+        ("softmax", False): 2 - math.log(math.exp(2) + math.exp(-1)),
+        ("softmax", True): -1 - math.log(math.exp(2) + math.exp(-1)),
+        ("sigmoid", False): -math.log(1 + math.exp(-2)),
+        ("sigmoid", True): -math.log(1 + math.exp(2)),
+    }
+    for (activation, invert), c in cases.items():
+        proc = CAIFLogitsProcessor(classifier, tok, tok, 0, alpha=-3.0, top_k=5, activation=activation, invert=invert)
+        out = proc(input_ids, scores)
+        expected = torch.full_like(scores, float("-inf")).scatter(1, top, log_p.gather(1, top) - 3.0 * c)
+        _assert_same_scores(out, expected)
+
+
+def test_attribute_log_prob_hand_values():
+    logits = torch.tensor([[0.5, 1.5, -2.0]])
+    p = torch.softmax(logits, -1)[0, 1].item()
+    assert _attribute_log_prob(logits, 1, "softmax", False).item() == pytest.approx(math.log(p), abs=1e-6)
+    assert _attribute_log_prob(logits, 1, "softmax", True).item() == pytest.approx(math.log(1 - p), abs=1e-6)
+    s = 1 / (1 + math.exp(-1.5))
+    assert _attribute_log_prob(logits, 1, "sigmoid", False).item() == pytest.approx(math.log(s), abs=1e-6)
+    assert _attribute_log_prob(logits, 1, "sigmoid", True).item() == pytest.approx(math.log(1 - s), abs=1e-6)
+
+
+# --- paths that must agree --------------------------------------------------------------------------------------------
+
+
+def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, lm, gpt2_cls):
+    kwargs = dict(classifier=gpt2_cls, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=0, alpha=3.0, top_k=20)
+    cached = CAIFLogitsProcessor(**kwargs)
+    full = CAIFLogitsProcessor(**kwargs, use_cache=False)
+    assert cached.use_prefix_cache and not full.use_prefix_cache
+    (a, b), _ = _greedy_steps(lm, tok, PROMPTS, [cached, full], steps=5)
+    for x, y in zip(a, b):
+        _assert_same_scores(x, y)
+    # The same processor object reused for new generations (other prompts, then a shorter batch) stays correct.
+    for prompts in (["the game felt so", "our trip", "my day was"], ["the show"]):
+        (a, b), _ = _greedy_steps(lm, tok, prompts, [cached, CAIFLogitsProcessor(**kwargs, use_cache=False)], steps=3)
+        for x, y in zip(a, b):
+            _assert_same_scores(x, y)
+
+
+def test_bridge_with_retokenizing_classifier_tokenizer(tok, lm):
+    """LM: word-level tokenizer; classifier: cross-word BPE. Cached, full and reference agree."""
+    bpe = _bpe_tokenizer()
+    classifier = _tiny_gpt2_classifier(bpe, seed=2)
+    kwargs = dict(classifier=classifier, classifier_tokenizer=bpe, lm_tokenizer=tok, target_label=1, alpha=5.0, top_k=10)
+    cached = CAIFLogitsProcessor(**kwargs)
+    assert not cached.same_tokenizer and cached.use_prefix_cache
+    procs = [cached, CAIFLogitsProcessor(**kwargs, use_cache=False), _Reference(**kwargs)]
+    (a, b, r), _ = _greedy_steps(lm, tok, PROMPTS[:2], procs, steps=3)
+    for x, y, z in zip(a, b, r):
+        _assert_same_scores(x, z)
+        _assert_same_scores(y, z)
+
+
+def test_bridge_through_text_equals_shared_ids(tok, roberta):
+    """A classifier with shuffled token ids (and embeddings shuffled to match) scores text as the original does."""
+    shuffled_tok, perm = _permuted_tokenizer(tok)
+    shuffled = copy.deepcopy(roberta)
+    with torch.no_grad():
+        old = roberta.roberta.embeddings.word_embeddings.weight
+        new = shuffled.roberta.embeddings.word_embeddings.weight
+        new[torch.tensor(list(perm.values()))] = old[torch.tensor(list(perm.keys()))]
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    scores[:, tok.all_special_ids] = float("-inf")  # special candidates vanish from text, so only words compare
+    shared = CAIFLogitsProcessor(roberta, tok, tok, target_label=1, alpha=2.0, top_k=30)
+    bridged = CAIFLogitsProcessor(shuffled, shuffled_tok, tok, target_label=1, alpha=2.0, top_k=30)
+    assert shared.same_tokenizer and not bridged.same_tokenizer
+    _assert_same_scores(bridged(batch.input_ids, scores), shared(batch.input_ids, scores))
+
+
+@pytest.mark.parametrize("bridged", [False, True])
+def test_max_classifier_tokens_matches_reference(tok, roberta, bridged):
+    classifier_tok = _permuted_tokenizer(tok)[0] if bridged else tok
+    kwargs = dict(classifier=roberta, classifier_tokenizer=classifier_tok, lm_tokenizer=tok, target_label=0, alpha=2.0,
+                  top_k=8, max_classifier_tokens=3)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    _assert_same_scores(CAIFLogitsProcessor(**kwargs)(batch.input_ids, scores),
+                        caif_reference_scores(batch.input_ids, scores, **kwargs))
+    # Truncation matters here: without it the scores differ.
+    assert not torch.allclose(CAIFLogitsProcessor(**{**kwargs, "max_classifier_tokens": None})(batch.input_ids, scores)
+                              .nan_to_num(), caif_reference_scores(batch.input_ids, scores, **kwargs).nan_to_num())
+
+
+# --- gating, batching, generate() ---------------------------------------------------------------------------------------
+
+
+def test_entropy_gate_leaves_confident_rows_and_skips_their_classifier_calls(tok, roberta):
+    seen = []
+    hook = roberta.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    try:
+        scores = torch.randn(2, len(tok))
+        scores[0, 7] = 30.0  # row 0: almost certain (entropy ~0); row 1: near uniform (entropy ~4.4 nats)
+        input_ids = tok(["the movie", "the food was"], return_tensors="pt", padding=True).input_ids
+        expected = caif_reference_scores(input_ids, scores, roberta, tok, tok, 1, 2.0, top_k=6, entropy_threshold=1.0)
+        seen.clear()
+        proc = CAIFLogitsProcessor(roberta, tok, tok, target_label=1, alpha=2.0, top_k=6, entropy_threshold=1.0)
+        out = proc(input_ids, scores)
+        assert torch.equal(out[0], scores[0])
+        _assert_same_scores(out, expected)
+        assert sum(seen) == 6  # only row 1's six candidates went through the classifier
+        seen.clear()
+        everything_gated = CAIFLogitsProcessor(roberta, tok, tok, 1, 2.0, top_k=6, entropy_threshold=100.0)
+        assert torch.equal(everything_gated(input_ids, scores), scores) and not seen
+    finally:
+        hook.remove()
+
+
+def test_rows_are_independent_batch_vs_one_by_one(tok, lm, gpt2_cls):
+    kwargs = dict(classifier=gpt2_cls, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=4.0, top_k=15,
+                  classifier_batch_size=7)  # chunks cut across rows
+    gen = dict(do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    together = lm.generate(**batch, logits_processor=LogitsProcessorList([CAIFLogitsProcessor(**kwargs)]), **gen)
+    for i, prompt in enumerate(PROMPTS):
+        alone = lm.generate(**tok([prompt], return_tensors="pt"),
+                            logits_processor=LogitsProcessorList([CAIFLogitsProcessor(**kwargs)]), **gen)
+        assert tok.decode(together[i], skip_special_tokens=True) == tok.decode(alone[0], skip_special_tokens=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    batched = CAIFLogitsProcessor(**kwargs)(batch.input_ids, scores)
+    for i, prompt in enumerate(PROMPTS):
+        single = CAIFLogitsProcessor(**kwargs)(tok([prompt], return_tensors="pt").input_ids, scores[i : i + 1])
+        _assert_same_scores(batched[i : i + 1], single)
+
+
+def test_sampling_with_num_return_sequences_stays_in_the_lm_top_k(tok, lm, roberta):
+    proc = CAIFLogitsProcessor(roberta, tok, tok, target_label=1, alpha=3.0, top_k=4)
+    batch = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    out = lm.generate(**batch, logits_processor=LogitsProcessorList([proc]), do_sample=True, top_k=0,
+                      num_return_sequences=3, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+    assert out.shape == (6, batch.input_ids.shape[1] + 4)
+    mask = batch.attention_mask.repeat_interleave(3, dim=0)
+    for t in range(batch.input_ids.shape[1], out.shape[1]):
+        top4 = _lm_scores(lm, out[:, :t], mask).topk(4, dim=-1).indices
+        assert (top4 == out[:, t : t + 1]).any(-1).all()
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
+def test_positive_alpha_raises_and_negative_alpha_lowers_the_attribute(tok, roberta):
+    scores = torch.zeros(1, len(tok))  # a uniform LM: the choice is the classifier's alone
+    input_ids = tok(["the movie was"], return_tensors="pt").input_ids
+    top = {}
+    for alpha in (5.0, -5.0):
+        out = CAIFLogitsProcessor(roberta, tok, tok, target_label=1, alpha=alpha, top_k=len(tok))(input_ids, scores)
+        token = out.argmax(-1)
+        with torch.no_grad():
+            top[alpha] = torch.softmax(roberta(input_ids=torch.cat([input_ids, token[:, None]], 1)).logits, -1)[0, 1]
+    with torch.no_grad():
+        all_p = torch.softmax(roberta(input_ids=torch.cat([input_ids.repeat(len(tok), 1),
+                                                           torch.arange(len(tok))[:, None]], 1)).logits, -1)[:, 1]
+    torch.testing.assert_close(top[5.0], all_p.max(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(top[-5.0], all_p.min(), atol=1e-6, rtol=0)
+
+
+# --- arguments ----------------------------------------------------------------------------------------------------------
+
+
+def test_alpha_zero_returns_scores_unchanged(tok, roberta):
+    scores = torch.randn(2, len(tok))
+    out = CAIFLogitsProcessor(roberta, tok, tok, target_label=1, alpha=0.0)(torch.ones(2, 3, dtype=torch.long), scores)
+    assert torch.equal(out, scores)
+
+
+def test_target_label_by_name(tok):
+    classifier = tiny_roberta(seed=1, tokenizer=tok, id2label={0: "NEGATIVE", 1: "POSITIVE"})
+    assert CAIFLogitsProcessor(classifier, tok, tok, target_label="POSITIVE", alpha=1.0).target_label == 1
+
+
+def test_bad_arguments_raise(tok, roberta, gpt2_cls):
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="`top_k`.*0"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, top_k=0)
+    with pytest.raises(ValueError, match=r"`target_label` must be in \[0, 1\].*5"):
+        CAIFLogitsProcessor(roberta, tok, tok, 5, 1.0)
+    with pytest.raises(ValueError, match="`target_label` 'joy'"):
+        CAIFLogitsProcessor(roberta, tok, tok, "joy", 1.0)
+    with pytest.raises(ValueError, match="`classifier_tokenizer` has no pad token"):
+        CAIFLogitsProcessor(roberta, no_pad, tok, 1, 1.0)
+    with pytest.raises(ValueError, match="`activation` must be one of.*'relu'"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, activation="relu")
+    with pytest.raises(ValueError, match="`entropy_threshold`.*-1"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, entropy_threshold=-1.0)
+    with pytest.raises(ValueError, match="`max_classifier_tokens`=4.*use_cache=False"):
+        CAIFLogitsProcessor(gpt2_cls, tok, tok, 1, 1.0, max_classifier_tokens=4)
