@@ -1,0 +1,335 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import AlbertConfig, AlbertForSequenceClassification, AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
+from hf_ext.models.palbert.modeling_palbert import exit_distribution, kl_to_prior, q_exit_step, truncated_geometric_prior
+from hf_ext.testing import lay_out_as_hub_repo, reload_in_subprocess, tiny_albert_config
+
+NUM_STEPS = 6
+
+
+def _albert_fields() -> dict:
+    fields = tiny_albert_config().to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    return {**fields, "num_hidden_layers": NUM_STEPS}
+
+
+def _tiny_albert_config(**overrides) -> AlbertConfig:
+    return AlbertConfig(**{**_albert_fields(), **overrides})
+
+
+def _tiny_config(**overrides) -> PalbertConfig:
+    return PalbertConfig(**{**_albert_fields(), "lambda_head_layers": 1, **overrides})
+
+
+def _tiny_palbert(seed: int = 0, **overrides) -> PalbertForSequenceClassification:
+    """A random tiny PALBERT whose exit head is scaled up, so that examples exit at different steps."""
+    torch.manual_seed(seed)
+    model = PalbertForSequenceClassification(_tiny_config(**{"initializer_range": 0.5, **overrides})).eval()
+    for module in model.lambda_head.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=5.0 / module.in_features**0.5)
+            torch.nn.init.normal_(module.bias, mean=-1.0, std=0.5)
+    return model
+
+
+def _batch(batch_size: int = 12, seed: int = 1):
+    """Right-padded ids `(B, T)` and mask of varied lengths; each row mostly repeats its own token, so rows differ.
+
+    The first token is id 1, the CLS stand-in.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (batch_size,), generator=gen)
+    shape = (batch_size, int(lengths.max()))
+    theme = torch.randint(5, 100, (batch_size, 1), generator=gen)
+    noise = torch.randint(5, 100, shape, generator=gen)
+    input_ids = torch.where(torch.rand(shape, generator=gen) < 0.7, theme, noise)
+    input_ids[:, 0] = 1
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+    return input_ids * attention_mask, attention_mask, lengths
+
+
+def _reference_steps(model, input_ids, attention_mask):
+    """Plain reference: stock AlbertModel hidden states, then pooler, classifier and lambda head per step."""
+    hidden_states = model.albert(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    step_logits, lambdas = [], []
+    previous = torch.zeros(input_ids.shape[0], model.config.hidden_size)
+    for t, hidden in enumerate(hidden_states[-NUM_STEPS:]):
+        pooled = torch.tanh(model.albert.pooler(hidden[:, 0]))
+        step_logits.append(model.classifier(pooled))
+        if t < NUM_STEPS - 1:
+            lambdas.append(torch.sigmoid(model.lambda_head(pooled, previous)))
+        previous = pooled
+    return torch.stack(step_logits, 1), torch.stack(lambdas, 1)
+
+
+def _plain_exit_probs(lambdas):
+    rows = []
+    for row in lambdas.tolist():
+        p, survival = [], 1.0
+        for lam in row:
+            p.append(survival * lam)
+            survival *= 1 - lam
+        rows.append(p + [survival])
+    return torch.tensor(rows)
+
+
+def _plain_kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+# --- the formulas -----------------------------------------------------------------------------------
+
+
+def test_exit_distribution_hand_computed():
+    p = exit_distribution(torch.tensor([[0.2, 0.5, 0.1], [1.0, 0.3, 0.3]]))
+    expected = torch.tensor([[0.2, 0.8 * 0.5, 0.8 * 0.5 * 0.1, 0.8 * 0.5 * 0.9], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(p, expected)
+    torch.testing.assert_close(exit_distribution(torch.zeros(2, 0)), torch.ones(2, 1))  # one step: it takes all
+
+
+def test_truncated_geometric_prior_and_kl_against_plain_reference():
+    prior = truncated_geometric_prior(0.1, 4, dtype=torch.float64)
+    torch.testing.assert_close(prior, torch.tensor([0.1, 0.09, 0.081, 0.729], dtype=torch.float64))
+    p = torch.tensor([[0.5, 0.25, 0.0, 0.25], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    kl = kl_to_prior(p, prior)
+    expected = torch.tensor([_plain_kl(row, prior.tolist()) for row in p.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(kl, expected)
+    # The paper's KL(p || p_G), not the reference code's KL(p_G || p).
+    reverse = _plain_kl(prior.tolist(), p[1].tolist())
+    assert abs(kl[1].item() - reverse) > 0.01
+
+
+def test_q_exit_step_hand_computed():
+    p = torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.3, 0.2, 0.4, 0.1], [0.1, 0.1, 0.1, 0.7], [0.2, 0.3, 0.25, 0.25]])
+    assert q_exit_step(p, 0.5).tolist() == [1, 3, 4, 3]  # 0.2 + 0.3 = 0.5 does not exceed q
+    assert q_exit_step(p, 0.25).tolist() == [1, 1, 3, 2]
+
+
+# --- the model against the plain reference ---------------------------------------------------------
+
+
+def test_loss_and_modes_match_plain_reference():
+    model = _tiny_palbert()
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.randint(0, 2, (input_ids.shape[0],))
+    step_logits, lambdas = _reference_steps(model, input_ids, attention_mask)
+    p = _plain_exit_probs(lambdas)
+    prior = [0.1 * 0.9**k for k in range(NUM_STEPS - 1)] + [0.9 ** (NUM_STEPS - 1)]
+
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(out.exit_probs, p, atol=1e-5, rtol=1e-5)
+    task = sum(
+        p[b, t] * F.cross_entropy(step_logits[b, t][None], labels[b][None]) for b in range(len(labels)) for t in range(NUM_STEPS)
+    ) / len(labels)
+    kl = sum(_plain_kl(row, prior) for row in p.tolist()) / len(labels)
+    torch.testing.assert_close(out.loss, task + 0.5 * kl, atol=1e-5, rtol=1e-5)
+
+    full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
+    torch.testing.assert_close(full.logits, step_logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert full.exit_step.tolist() == [NUM_STEPS] * len(labels)
+    expectation = model(input_ids, attention_mask=attention_mask, inference_mode="expectation")
+    mixture = (p[..., None] * step_logits.softmax(-1)).sum(1).log()
+    torch.testing.assert_close(expectation.logits, mixture, atol=1e-5, rtol=1e-5)
+
+
+def test_full_mode_equals_albert_for_sequence_classification():
+    model = _tiny_palbert(hidden_dropout_prob=0.0)
+    albert = AlbertForSequenceClassification(_tiny_albert_config(initializer_range=0.5)).eval()
+    missing, unexpected = albert.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(key.startswith("lambda_head.") for key in unexpected)
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        expected = albert(input_ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(model(input_ids, attention_mask=attention_mask, inference_mode="full").logits, expected)
+
+
+# --- batched early exit ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_q_exit_batch_equals_one_by_one_and_dense_rule():
+    model = _tiny_palbert(exit_threshold=0.6)
+    input_ids, attention_mask, lengths = _batch(batch_size=16)
+    batch = model(input_ids, attention_mask=attention_mask)
+    assert batch.exit_probs is None  # later steps of exited examples were never computed
+    assert len(set(batch.exit_step.tolist())) >= 3  # the check below covers several exit steps
+    for i, length in enumerate(lengths.tolist()):
+        alone = model(input_ids[i : i + 1, :length])  # unpadded, batch of one
+        assert alone.exit_step.item() == batch.exit_step[i].item()
+        torch.testing.assert_close(alone.logits[0], batch.logits[i], atol=1e-5, rtol=1e-5)
+    # The same exits and logits as the rule applied after running every step (the path taken with labels).
+    dense = model(input_ids, attention_mask=attention_mask, labels=torch.zeros(16, dtype=torch.long))
+    assert dense.exit_step.tolist() == batch.exit_step.tolist()
+    assert dense.exit_step.tolist() == q_exit_step(dense.exit_probs, 0.6).tolist()
+    assert (dense.exit_probs.cumsum(-1) - 0.6).abs().min() > 1e-3  # no exit decided by rounding
+    torch.testing.assert_close(dense.logits, batch.logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_active_batch_shrinks():
+    model = _tiny_palbert()
+    rows_per_call = []
+    hook = model.albert.encoder.albert_layer_groups[0].register_forward_pre_hook(
+        lambda module, args: rows_per_call.append(args[0].shape[0])
+    )
+    input_ids, attention_mask, _ = _batch(batch_size=16)
+    try:
+        out = model(input_ids, attention_mask=attention_mask)
+        early_calls = list(rows_per_call)
+        rows_per_call.clear()
+        model(input_ids, attention_mask=attention_mask, inference_mode="full")
+    finally:
+        hook.remove()
+    still_running = [int((out.exit_step > t).sum()) for t in range(NUM_STEPS)]
+    assert early_calls == [n for n in still_running if n > 0]
+    assert sum(early_calls) == int(out.exit_step.sum()) < 16 * NUM_STEPS
+    assert rows_per_call == [16] * NUM_STEPS
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["q_exit", "sample"])
+def test_certain_exit_heads_give_hand_computed_exit_steps(mode):
+    model = _tiny_palbert()
+    input_ids, attention_mask, _ = _batch(batch_size=5)
+    torch.nn.init.zeros_(model.lambda_head.out.weight)
+    torch.nn.init.constant_(model.lambda_head.out.bias, 50.0)  # lambda_1 = 1: everyone exits at step 1
+    first = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
+    assert first.exit_step.tolist() == [1] * 5
+    torch.nn.init.constant_(model.lambda_head.out.bias, -50.0)  # lambda_t = 0: everyone runs to the last step
+    last = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
+    assert last.exit_step.tolist() == [NUM_STEPS] * 5
+    full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
+    torch.testing.assert_close(last.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_sample_mode_follows_the_exit_distribution():
+    model = _tiny_palbert()
+    input_ids, attention_mask, _ = _batch(batch_size=1)
+    p = model(input_ids, attention_mask=attention_mask, inference_mode="full").exit_probs[0]
+    repeated = input_ids.expand(2000, -1)
+    steps = model(repeated, attention_mask=attention_mask.expand(2000, -1), inference_mode="sample").exit_step
+    frequencies = torch.bincount(steps - 1, minlength=NUM_STEPS).float() / 2000
+    torch.testing.assert_close(frequencies, p, atol=0.04, rtol=0)
+
+
+def test_regression():
+    model = _tiny_palbert(num_labels=1)
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.randn(input_ids.shape[0])
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    step_logits, lambdas = _reference_steps(model, input_ids, attention_mask)
+    p = _plain_exit_probs(lambdas)
+    task = ((step_logits.squeeze(-1) - labels[:, None]) ** 2 * p).sum(-1).mean()
+    prior = [0.1 * 0.9**k for k in range(NUM_STEPS - 1)] + [0.9 ** (NUM_STEPS - 1)]
+    kl = sum(_plain_kl(row, prior) for row in p.tolist()) / len(labels)
+    torch.testing.assert_close(out.loss, task + 0.5 * kl, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        expectation = model(input_ids, attention_mask=attention_mask, inference_mode="expectation").logits
+        early = model(input_ids, attention_mask=attention_mask)
+    torch.testing.assert_close(expectation, (p[..., None] * step_logits).sum(1), atol=1e-5, rtol=1e-5)
+    assert early.logits.shape == (input_ids.shape[0], 1)
+    rows = torch.arange(len(labels))
+    torch.testing.assert_close(early.logits, step_logits[rows, early.exit_step - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_float_labels_for_classification_raise():
+    model = _tiny_palbert()
+    with pytest.raises(ValueError, match="`labels` must be class indices"):
+        model(torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0.0, 1.0]))
+
+
+# --- saving, loading, remote code ----------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _tiny_palbert(exit_threshold=0.7, lambda_head="revisited")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is PalbertForSequenceClassification and loaded.config.exit_threshold == 0.7
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        a, b = model(input_ids, attention_mask=attention_mask), loaded(input_ids, attention_mask=attention_mask)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_step, b.exit_step)
+
+
+@pytest.mark.parametrize("hf_ext_importable", [True, False])
+def test_remote_code_reload_in_subprocess(hf_ext_importable):
+    model = _tiny_palbert()
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=attention_mask)
+    outputs, class_name = reload_in_subprocess(
+        model, {"input_ids": input_ids, "attention_mask": attention_mask},
+        auto_class="AutoModelForSequenceClassification",
+        hf_ext_importable=hf_ext_importable, trust_remote_code=not hf_ext_importable,
+    )
+    if hf_ext_importable:
+        assert class_name == "hf_ext.models.palbert.modeling_palbert.PalbertForSequenceClassification"
+    else:
+        assert class_name.startswith("transformers_modules.") and class_name.endswith("PalbertForSequenceClassification")
+    torch.testing.assert_close(outputs["logits"], expected.logits)
+    assert torch.equal(outputs["exit_step"], expected.exit_step)
+
+
+def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
+    torch.manual_seed(3)
+    albert = AlbertForSequenceClassification(_tiny_albert_config()).eval()
+    albert.save_pretrained(tmp_path / "albert")
+    albert_state = albert.state_dict()
+
+    model = PalbertForSequenceClassification.from_albert_pretrained(tmp_path / "albert", exit_threshold=0.6)
+    assert model.config.model_type == "palbert" and model.config.exit_threshold == 0.6
+    assert model.config.hidden_size == albert.config.hidden_size
+    state = model.state_dict()
+    for key, value in albert_state.items():  # embeddings, shared layer, pooler and the same-shaped classifier
+        assert torch.equal(state[key], value), key
+    assert {k for k in state if k not in albert_state} == {k for k in state if k.startswith("lambda_head.")}
+
+    # As a Hub id (from a local Hub cache), with a new label count: the classifier is new, the rest reused.
+    lay_out_as_hub_repo(tmp_path / "albert", "org/tiny-albert", tmp_path / "cache")
+    model = PalbertForSequenceClassification.from_albert_pretrained(
+        "org/tiny-albert", cache_dir=tmp_path / "cache", local_files_only=True, num_labels=3
+    )
+    assert model.classifier.weight.shape == (3, albert.config.hidden_size)
+    for key, value in albert_state.items():
+        if key.startswith("albert."):
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_from_albert_pretrained_rejects_other_checkpoints(tmp_path):
+    _tiny_palbert().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a 'palbert' checkpoint"):
+        PalbertForSequenceClassification.from_albert_pretrained(tmp_path)
+
+
+# --- Trainer ---------------------------------------------------------------------------------------
+
+
+def test_trainer_step_changes_parameters(tmp_path):
+    from datasets import Dataset
+
+    model = _tiny_palbert()
+    model.train()
+    input_ids, attention_mask, _ = _batch(batch_size=8)
+    data = Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": [0, 1] * 4}
+    )
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert "lambda_head.out.weight" in changed and "classifier.weight" in changed
+    assert "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
