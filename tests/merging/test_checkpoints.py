@@ -66,7 +66,7 @@ def test_several_alphas_in_one_pass(saved, tmp_path, dtype):
         assert (out / "config.json").read_text() == (tuned_dir / "config.json").read_text()
         assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
         card = (out / "README.md").read_text()
-        assert f"alpha: {alpha}" in card and str(base_dir) in card and str(tuned_dir) in card
+        assert f"| alpha | {alpha} |" in card and str(base_dir) in card and str(tuned_dir) in card
     assert _leftovers(tmp_path) == []
 
 
