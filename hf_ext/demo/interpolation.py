@@ -77,7 +77,7 @@ def run(ctx: DemoContext) -> SectionResult:
     held_out = encode(tokenizer, sentiment_dataset(500, seed=ctx.seed + 2)["text"])
 
     ctx.log("pre-training a tiny GPT-2 on balanced sentences, then fine-tuning a copy on positive ones")
-    base = train_lm(tiny_gpt2(seed=ctx.seed, tokenizer=tokenizer), balanced, pad, steps=300, lr=3e-3, seed=ctx.seed)
+    base = train_lm(tiny_gpt2(seed=ctx.seed, tokenizer=tokenizer), balanced, pad, steps=200, lr=5e-3, seed=ctx.seed)
     tuned = train_lm(copy.deepcopy(base), positive, pad, steps=60, lr=1e-3, seed=ctx.seed + 1)
 
     rows = []
