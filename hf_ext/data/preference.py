@@ -73,7 +73,7 @@ def preference_dataset(num_examples: int = 512, seed: int = 0):
             continue
         if first_reward < second_reward:
             first, second, first_reward, second_reward = second, first, second_reward, first_reward
-        for key, value in zip(rows, (prompt, first, second, first_reward, second_reward)):
+        for key, value in zip(rows, (prompt, first, second, first_reward, second_reward), strict=True):
             rows[key].append(value)
     return Dataset.from_dict(rows)
 

@@ -78,7 +78,9 @@ class TRDPOConfig(DPOConfig):
     )
     tau: int = field(
         default=512,
-        metadata={"help": "τ of the TR-DPO hard update: optimizer steps between copies, >= 1. Used with `ref_update='hard'`."},
+        metadata={
+            "help": "τ of the TR-DPO hard update: optimizer steps between copies, >= 1. Used with `ref_update='hard'`."
+        },
     )
     ref_adapter_rank: int | None = field(
         default=None,
@@ -96,7 +98,9 @@ class TRDPOConfig(DPOConfig):
         if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1:
             raise ValueError(f"`tau` must be an integer >= 1, got {self.tau!r}.")
         if self.ref_adapter_rank is not None and (
-            isinstance(self.ref_adapter_rank, bool) or not isinstance(self.ref_adapter_rank, int) or self.ref_adapter_rank < 1
+            isinstance(self.ref_adapter_rank, bool)
+            or not isinstance(self.ref_adapter_rank, int)
+            or self.ref_adapter_rank < 1
         ):
             raise ValueError(f"`ref_adapter_rank` must be None or an integer >= 1, got {self.ref_adapter_rank!r}.")
         if self.sync_ref_model:
@@ -178,7 +182,9 @@ def _shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape in `ds_shape`
 
 
-def pair_parameters(policy: torch.nn.Module, reference: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def pair_parameters(
+    policy: torch.nn.Module, reference: torch.nn.Module
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Pair the parameters of ``policy`` and ``reference`` by name, in the policy's order.
 
     Raises:
@@ -328,7 +334,9 @@ class _LoraReference:
             if f".{REF_ADAPTER}." in name:
                 param.requires_grad_(False)
 
-        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and self.adapter in m.scaling]
+        self.layers = [
+            (name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and self.adapter in m.scaling
+        ]
         params = dict(model.named_parameters())
         lora_names = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}
         self.extras = []  # (name, policy param, reference param): elementwise adapter parameters
@@ -360,7 +368,9 @@ class _LoraReference:
                     1.0,
                 )
                 distance_sq += low_rank_distance_sq(policy, ref).item()
-                parts = [(policy[0], policy[1], alpha * policy[2])] + ([(ref[0], ref[1], 1.0 - alpha)] if alpha < 1.0 else [])
+                parts = [(policy[0], policy[1], alpha * policy[2])] + (
+                    [(ref[0], ref[1], 1.0 - alpha)] if alpha < 1.0 else []
+                )
                 new_b, new_a, error = mix_low_rank(parts, self.rank)
                 worst_error = max(worst_error, error)
                 self._store(name, ref_b, ref_a, new_b, new_a)
@@ -394,7 +404,9 @@ class _LoraReference:
             with _gathered([ref_b, ref_a], zero3):
                 if _is_writer(zero3):
                     device = ref_b.device
-                    self._store(name, ref_b, ref_a, state[f"{name}.lora_B"].to(device), state[f"{name}.lora_A"].to(device))
+                    self._store(
+                        name, ref_b, ref_a, state[f"{name}.lora_B"].to(device), state[f"{name}.lora_A"].to(device)
+                    )
         for name, _, ref in self.extras:
             if name not in state:
                 raise ValueError(f"The saved reference adapter has no tensor `{name}`.")

@@ -8,8 +8,13 @@ from hf_ext.data.sentiment import NEGATIVE, POSITIVE
 
 @pytest.mark.parametrize(
     ("text", "reward"),
-    [(" great and awful to me .", 0), (" good and lovely at the end .", 2), (" sad and dull all week .", -2),
-     ("nothing here", 0), ("Great, GOOD!", 2)],
+    [
+        (" great and awful to me .", 0),
+        (" good and lovely at the end .", 2),
+        (" sad and dull all week .", -2),
+        ("nothing here", 0),
+        ("Great, GOOD!", 2),
+    ],
 )
 def test_reward_counts_positive_minus_negative_adjectives(text, reward):
     assert preference_reward(text) == reward
@@ -19,7 +24,12 @@ def test_pairs_are_ordered_by_the_known_reward_and_tokenize_without_unknowns(tin
     ds = preference_dataset(64, seed=3)
     assert ds.column_names == ["prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
     for row in ds:
-        assert row["chosen_reward"] == preference_reward(row["chosen"]) > preference_reward(row["rejected"]) == row["rejected_reward"]
+        assert (
+            row["chosen_reward"]
+            == preference_reward(row["chosen"])
+            > preference_reward(row["rejected"])
+            == row["rejected_reward"]
+        )
         words = row["chosen"].split()
         assert words[1] == "and" and {words[0], words[2]} <= set(POSITIVE) | set(NEGATIVE)
         ids = tiny_tokenizer(row["prompt"] + row["chosen"] + row["rejected"])["input_ids"]

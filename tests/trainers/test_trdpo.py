@@ -25,8 +25,17 @@ from hf_ext.trainers.trdpo import (
 )
 
 _COMMON = dict(
-    per_device_train_batch_size=4, learning_rate=1e-2, bf16=False, use_cpu=True, gradient_checkpointing=False,
-    report_to="none", max_length=24, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    report_to="none",
+    max_length=24,
+    logging_steps=1,
+    save_strategy="no",
+    disable_tqdm=True,
+    seed=0,
 )
 
 
@@ -36,8 +45,11 @@ def _config(tmp_path, cls=TRDPOConfig, **overrides):
 
 def _trainer(args, model=None, cls=TRDPOTrainer, **kwargs):
     return cls(
-        model if model is not None else tiny_gpt2(), args=args, train_dataset=preference_dataset(32),
-        processing_class=get_tiny_tokenizer(), **kwargs,
+        model if model is not None else tiny_gpt2(),
+        args=args,
+        train_dataset=preference_dataset(32),
+        processing_class=get_tiny_tokenizer(),
+        **kwargs,
     )
 
 
@@ -94,7 +106,9 @@ def test_mismatched_reference_names_and_shapes_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"no parameter `transformer\.h\.1\.ln_1\.weight`"):
         _trainer(args, ref_model=one_layer)
     vocab = len(get_tiny_tokenizer())
-    with pytest.raises(ValueError, match=rf"`transformer\.wte\.weight` has shape \({vocab}, 32\) in the policy but \(200, 32\)"):
+    with pytest.raises(
+        ValueError, match=rf"`transformer\.wte\.weight` has shape \({vocab}, 32\) in the policy but \(200, 32\)"
+    ):
         _trainer(args, ref_model=tiny_gpt2(vocab_size=200))
     extra = tiny_gpt2()
     extra.register_parameter("extra", torch.nn.Parameter(torch.zeros(1)))
@@ -134,7 +148,9 @@ def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl):
     initial = _params(policy)
     trl_trainer = _trainer(
         _config(tmp_path / "trl", cls=DPOConfig, max_steps=5, sync_ref_model=True, **trl),
-        model=copy.deepcopy(policy), ref_model=copy.deepcopy(policy), cls=DPOTrainer,
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(policy),
+        cls=DPOTrainer,
     )
     trl_trainer.train()
     our_trainer = _trainer(_config(tmp_path / "ours", max_steps=5, **ours), model=copy.deepcopy(policy))
@@ -143,7 +159,9 @@ def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl):
     our_ref = _params(our_trainer.ref_model)
     _assert_same(our_ref, _params(trl_trainer.ref_model))  # bit for bit
     _assert_same(_params(our_trainer.model), _params(trl_trainer.model))
-    assert not torch.equal(our_ref["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        our_ref["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"]
+    )
     distances = [log["ref/distance"] for log in our_trainer.state.log_history if "ref/distance" in log]
     assert len(distances) == (5 if ours["ref_update"] == "soft" else 2)  # one per update
 
@@ -156,7 +174,9 @@ def test_update_distance_and_formula_on_plain_modules():
     expected_sq = sum((p.detach() - before[n]).square().sum() for n, p in policy.named_parameters())
     assert values["ref/distance"] == pytest.approx(expected_sq.sqrt().item(), rel=1e-6)
     for name, p in reference.named_parameters():
-        torch.testing.assert_close(p.detach(), 0.75 * before[name] + 0.25 * dict(policy.named_parameters())[name].detach())
+        torch.testing.assert_close(
+            p.detach(), 0.75 * before[name] + 0.25 * dict(policy.named_parameters())[name].detach()
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- fp32 master
@@ -248,7 +268,9 @@ def test_lora_hard_update_copies_the_delta_and_truncation_is_logged(tmp_path):
     trainer = _lora_trainer(tmp_path, max_steps=4, ref_update="hard", tau=2)
     trainer.train()
     layer = trainer.model.base_model.model.transformer.h[1].mlp.c_fc
-    torch.testing.assert_close(layer.get_delta_weight(REF_ADAPTER), layer.get_delta_weight("default"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        layer.get_delta_weight(REF_ADAPTER), layer.get_delta_weight("default"), rtol=0, atol=1e-6
+    )
     assert layer.lora_A[REF_ADAPTER].weight.shape[0] == 2  # rank of the policy for hard updates
     logs = [log for log in trainer.state.log_history if "ref/distance" in log]
     assert len(logs) == 2 and all(log["ref/truncation_error"] < 1e-5 for log in logs)
@@ -301,9 +323,22 @@ def test_two_processes_hold_identical_references(tmp_path):
     with socket.socket() as free:  # a free port for the rendezvous
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(worker), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(worker),
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=180)
     finally:
