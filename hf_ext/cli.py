@@ -13,6 +13,8 @@ import sys
 _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hf_ext.demo.runner", "run each method's claim in miniature on the CPU and write a report"),
     "env": ("hf_ext.env", "print the versions of hf_ext and its dependencies, and the device"),
+    "sae-match": ("hf_ext.sae_match.cli", "match SAE features across consecutive layers (SAE Match) and write the matchings"),
+    "interpolate": ("hf_ext.merging.cli", "write theta_base + alpha * (theta_tuned - theta_base) for two checkpoints"),
 }
 
 

@@ -1,0 +1,269 @@
+"""Reading and writing the SAE file formats people publish, as `SparseAutoencoder` objects.
+
+==============  ==========================================  ==================================================
+format          files in the SAE's folder                   weights
+==============  ==========================================  ==================================================
+``gemma_scope`` ``params.npz``                              ``W_enc [d, F]``, ``W_dec [F, d]``, ``b_enc``,
+                                                            ``b_dec``, ``threshold`` (JumpReLU, no ``b_dec``
+                                                            subtracted from the input)
+``saelens``     ``cfg.json`` + ``sae_weights.safetensors``  the same names; ``cfg.architecture`` is
+                                                            ``standard`` (ReLU), ``jumprelu`` or ``topk``
+``sparsify``    ``cfg.json`` + ``sae.safetensors``          ``encoder.weight [F, d]``, ``encoder.bias``,
+                                                            ``W_dec [F, d]``, ``b_dec``; TopK(ReLU(.)) with ``k``
+==============  ==========================================  ==================================================
+
+A location is a local folder or a Hub repository id; ``subfolder`` picks one SAE inside it (Gemma
+Scope: ``layer_12/width_16k/average_l0_82``; sparsify: the hookpoint, e.g. ``layers.6``). Only the
+files of that SAE are downloaded.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_ext.sae_match.sae import SparseAutoencoder
+
+FORMATS = ("gemma_scope", "saelens", "sparsify")
+
+# format -> the files that identify it in a folder
+_FORMAT_FILES = {
+    "gemma_scope": ("params.npz",),
+    "saelens": ("cfg.json", "sae_weights.safetensors"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+}
+_SAELENS_ACTIVATIONS = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+
+
+def load_sae(
+    path_or_repo_id: str | os.PathLike,
+    subfolder: str | None = None,
+    format: str = "auto",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> SparseAutoencoder:
+    """Load an SAE in Gemma Scope, SAELens or sparsify format from a folder or the Hub.
+
+    Args:
+        path_or_repo_id: a local folder, or a Hub repository id (e.g. ``"google/gemma-scope-2b-pt-res"``).
+        subfolder: the SAE's folder inside it (e.g. ``"layer_12/width_16k/average_l0_82"``).
+        format: ``"auto"`` (decide from the files present), ``"gemma_scope"``, ``"saelens"`` or ``"sparsify"``.
+        cache_dir: the Hub cache to use (``huggingface_hub``'s default when None).
+        revision: the Hub revision (branch, tag or commit).
+        dtype: cast the weights to this dtype (they keep the stored dtype when None).
+
+    Returns:
+        A `SparseAutoencoder` whose ``metadata`` records the format, the location and, when the
+        files say it, the hook name.
+
+    Raises:
+        ValueError: unknown ``format``, no SAE files at the location, a configuration this loader
+            cannot reproduce (e.g. SAELens ``gated``), or inconsistent / non-finite weights.
+
+    Examples:
+        >>> from hf_ext.sae_match import load_sae
+        >>> sae = load_sae("google/gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82")  # doctest: +SKIP
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"`format` must be 'auto' or one of {FORMATS}, got {format!r}.")
+    folder = _resolve_folder(path_or_repo_id, subfolder, format, cache_dir, revision)
+    if format == "auto":
+        format = _detect_format(folder)
+    elif not all((folder / name).is_file() for name in _FORMAT_FILES[format]):
+        raise ValueError(f"`format`={format!r} needs {_FORMAT_FILES[format]} in {folder}; found {_listing(folder)}.")
+    sae = _READERS[format](folder)
+    sae.metadata.update(format=format, location=_describe(path_or_repo_id, subfolder))
+    return sae if dtype is None else sae.to(dtype)
+
+
+def _describe(path_or_repo_id, subfolder) -> str:
+    return str(path_or_repo_id) if not subfolder else f"{path_or_repo_id}/{subfolder}"
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def _resolve_folder(path_or_repo_id, subfolder, format, cache_dir, revision) -> Path:
+    local = Path(path_or_repo_id)
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        if not folder.is_dir():
+            raise ValueError(f"`subfolder`={subfolder!r} does not exist in {local}.")
+        return folder
+    repo_id = str(path_or_repo_id)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise ValueError(f"`path_or_repo_id`={repo_id!r} is neither an existing folder nor a Hub repository id ('org/name').")
+    from huggingface_hub import snapshot_download
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    names = sorted({name for files in _FORMAT_FILES.values() for name in files}) if format == "auto" else _FORMAT_FILES[format]
+    snapshot = Path(
+        snapshot_download(repo_id, allow_patterns=[prefix + name for name in names], cache_dir=cache_dir, revision=revision)
+    )
+    return snapshot / prefix if prefix else snapshot
+
+
+def _detect_format(folder: Path) -> str:
+    for format, names in _FORMAT_FILES.items():
+        if all((folder / name).is_file() for name in names):
+            return format
+    raise ValueError(
+        f"No SAE found in {folder}: expected one of "
+        + "; ".join(f"{f}: {' + '.join(n)}" for f, n in _FORMAT_FILES.items())
+        + f"; found {_listing(folder)}."
+    )
+
+
+def _read_gemma_scope(folder: Path) -> SparseAutoencoder:
+    with np.load(folder / "params.npz") as params:
+        # Some releases spell the keys in lower case (w_enc, w_dec).
+        weights = {key.lower(): torch.from_numpy(params[key]) for key in params.files}
+    missing = {"w_enc", "b_enc", "w_dec", "b_dec", "threshold"} - set(weights)
+    if missing:
+        raise ValueError(f"{folder / 'params.npz'} lacks {sorted(missing)}; it has {sorted(weights)}.")
+    return SparseAutoencoder(
+        weights["w_enc"], weights["b_enc"], weights["w_dec"], weights["b_dec"],
+        activation="jumprelu", threshold=weights["threshold"], apply_b_dec_to_input=False,
+        metadata={"hook_name": None},
+    )
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_saelens(folder: Path) -> SparseAutoencoder:
+    cfg = _read_json(folder / "cfg.json")
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in _SAELENS_ACTIVATIONS:
+        raise ValueError(
+            f"SAELens architecture {architecture!r} in {folder / 'cfg.json'} is not supported; "
+            f"supported: {sorted(_SAELENS_ACTIVATIONS)}."
+        )
+    normalize = cfg.get("normalize_activations", "none")
+    if normalize not in ("none", None):
+        raise ValueError(
+            f"SAELens `normalize_activations`={normalize!r} in {folder / 'cfg.json'} is not supported (it rescales "
+            "inputs at run time); fold the scaling factor into the weights and save with 'none'."
+        )
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise ValueError(f"SAELens `rescale_acts_by_decoder_norm`=True in {folder / 'cfg.json'} is not supported.")
+    weights = load_file(folder / "sae_weights.safetensors")
+    if "threshold" not in weights and "log_threshold" in weights:  # training checkpoints store log(theta)
+        weights["threshold"] = weights.pop("log_threshold").exp()
+    activation = _SAELENS_ACTIVATIONS[architecture]
+    meta = cfg.get("metadata") or cfg.get("meta") or {}  # nested since SAELens 6, flat before
+    sae = SparseAutoencoder(
+        weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
+        activation=activation,
+        threshold=weights.get("threshold") if activation == "jumprelu" else None,
+        k=int(cfg["k"]) if activation == "topk" else None,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        metadata={"hook_name": meta.get("hook_name", cfg.get("hook_name"))},
+    )
+    _check_declared_sizes(folder, sae, cfg.get("d_in"), cfg.get("d_sae"))
+    return sae
+
+
+def _read_sparsify(folder: Path) -> SparseAutoencoder:
+    cfg = _read_json(folder / "cfg.json")
+    if cfg.get("activation", "topk") != "topk":
+        raise ValueError(f"sparsify activation {cfg['activation']!r} in {folder / 'cfg.json'} is not supported; supported: 'topk'.")
+    if cfg.get("skip_connection"):
+        raise ValueError(f"sparsify `skip_connection`=True in {folder / 'cfg.json'} is not supported.")
+    weights = load_file(folder / "sae.safetensors")
+    transcode = bool(cfg.get("transcode", False))
+    sae = SparseAutoencoder(
+        weights["encoder.weight"].T, weights["encoder.bias"], weights["W_dec"], weights["b_dec"],
+        activation="topk", k=int(cfg["k"]),
+        apply_b_dec_to_input=not transcode,  # an autoencoder subtracts b_dec from its input, a transcoder does not
+        metadata={"hook_name": folder.name, "transcode": transcode},
+    )
+    _check_declared_sizes(folder, sae, cfg.get("d_in"), cfg.get("num_latents") or None)
+    return sae
+
+
+def _check_declared_sizes(folder: Path, sae: SparseAutoencoder, d_in, n_features) -> None:
+    if d_in is not None and int(d_in) != sae.d_model:
+        raise ValueError(f"{folder / 'cfg.json'} declares d_in={d_in} but the weights have d_model={sae.d_model}.")
+    if n_features is not None and int(n_features) != sae.n_features:
+        raise ValueError(f"{folder / 'cfg.json'} declares {n_features} features but the weights have {sae.n_features}.")
+
+
+_READERS = {"gemma_scope": _read_gemma_scope, "saelens": _read_saelens, "sparsify": _read_sparsify}
+
+
+def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, format: str = "saelens") -> Path:
+    """Write ``sae`` into ``folder`` in one of the formats `load_sae` reads.
+
+    The files are written to a temporary folder beside ``folder`` and moved into place when complete.
+
+    Args:
+        sae: the SAE.
+        folder: where to write (created if needed; existing files of the same names are replaced).
+        format: ``"saelens"`` (any activation), ``"gemma_scope"`` (JumpReLU without ``b_dec`` subtraction)
+            or ``"sparsify"`` (TopK).
+
+    Returns:
+        ``folder`` as a ``Path``.
+
+    Raises:
+        ValueError: unknown ``format``, or an SAE the format cannot express.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+    if format == "gemma_scope" and (sae.activation != "jumprelu" or sae.apply_b_dec_to_input):
+        raise ValueError("format='gemma_scope' holds JumpReLU SAEs that do not subtract b_dec from the input.")
+    if format == "sparsify" and sae.activation != "topk":
+        raise ValueError(f"format='sparsify' holds TopK SAEs, got activation={sae.activation!r}.")
+    if format == "sparsify" and not sae.apply_b_dec_to_input and not sae.metadata.get("transcode"):
+        raise ValueError("format='sparsify' autoencoders subtract b_dec from the input; this SAE does not.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-save-sae-") as tmp:
+        tmp = Path(tmp)
+        if format == "gemma_scope":
+            np.savez(tmp / "params.npz", **{name: t.numpy() for name, t in tensors.items()})
+        elif format == "saelens":
+            save_file(tensors, tmp / "sae_weights.safetensors")
+            _write_json(tmp / "cfg.json", _saelens_cfg(sae))
+        else:
+            save_file(
+                {"encoder.weight": tensors["W_enc"].T.contiguous(), "encoder.bias": tensors["b_enc"],
+                 "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]},
+                tmp / "sae.safetensors",
+            )
+            _write_json(tmp / "cfg.json", {"activation": "topk", "num_latents": sae.n_features, "k": sae.k,
+                                           "transcode": bool(sae.metadata.get("transcode", False)), "d_in": sae.d_model})
+        for path in tmp.iterdir():
+            os.replace(path, folder / path.name)
+    return folder
+
+
+def _saelens_cfg(sae: SparseAutoencoder) -> dict:
+    architecture = {v: k for k, v in _SAELENS_ACTIVATIONS.items()}[sae.activation]
+    cfg = {
+        "architecture": architecture, "d_in": sae.d_model, "d_sae": sae.n_features, "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+        "metadata": {"hook_name": sae.metadata.get("hook_name")},
+    }
+    if sae.activation == "topk":
+        cfg["k"] = sae.k
+    return cfg
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+
+
+__all__ = ["FORMATS", "load_sae", "save_sae"]

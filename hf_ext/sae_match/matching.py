@@ -1,0 +1,459 @@
+"""SAE Match: the permutation of features that best aligns two SAEs (arXiv 2410.07656, Sec. 3).
+
+For SAEs A and B with per-feature vectors ``a_i`` and ``b_j`` (decoder rows, optionally with encoder
+columns and ``b_enc``, all after folding), SAE Match solves
+
+    pi* = argmin_pi  sum_i ||a_i - b_pi(i)||^2 / D                                       (Eq. 3)
+
+a linear assignment problem: since pi is a bijection, ``sum ||b_pi(i)||^2`` does not depend on pi and
+the problem is ``argmax_pi sum_i <a_i, b_pi(i)>`` (as in Git Re-Basin).
+
+Two solvers:
+
+- ``"exact"``: the dense cost matrix ``(||a_i||^2 + ||b_j||^2 - 2 <a_i, b_j>) / D``, computed block by
+  block with float32 matrix products straight into the float64 array SciPy's
+  ``linear_sum_assignment`` works on (so SciPy makes no copy); ``n^2 * 8`` bytes.
+- ``"sparse"``: for wide SAEs. For each feature of A its ``k`` best partners in B by inner product,
+  and for each feature of B its ``k`` best in A, computed block by block (the ``n x n`` matrix is never
+  held); then a min-cost full matching on that graph (``min_weight_full_bipartite_matching``). A
+  fallback keeps the graph matchable: the features a maximum matching of the candidate graph leaves
+  over are paired by a dense assignment among themselves, and those edges join the graph.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hf_ext.sae_match.sae import SparseAutoencoder, fold
+
+PARTS = ("decoder", "encoder")
+METHODS = ("exact", "sparse")
+
+
+@dataclass(frozen=True)
+class Matching:
+    """A one-to-one matching of the features of SAE A to those of SAE B.
+
+    Args:
+        permutation: ``[n]`` long; feature ``i`` of A is matched to feature ``permutation[i]`` of B.
+        cost: ``[n]`` float32; the per-feature MSE ``||a_i - b_permutation[i]||^2 / D`` of the vectors matched.
+        using: the parts the vectors were built from (``"decoder"``, ``"encoder"``).
+        method: the solver (``"exact"`` or ``"sparse"``).
+        folded: whether JumpReLU thresholds were folded in first.
+    """
+
+    permutation: torch.Tensor
+    cost: torch.Tensor
+    using: tuple[str, ...] = ("decoder",)
+    method: str = "exact"
+    folded: bool = True
+
+    @property
+    def total(self) -> float:
+        """The objective: the sum of the per-feature costs."""
+        return float(self.cost.double().sum())
+
+    @property
+    def n_features(self) -> int:
+        return self.permutation.numel()
+
+    def agreement(self, other: "Matching") -> float:
+        """The fraction of features of A that ``other`` matches to the same feature of B."""
+        return float((self.permutation == other.permutation.to(self.permutation.device)).double().mean())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file (``permutation``, ``cost``; the rest in its metadata)."""
+        from safetensors.torch import save_file
+
+        _atomic_save(save_file, {"permutation": self.permutation, "cost": self.cost}, path, self._metadata())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Matching":
+        """Read a file written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return cls(f.get_tensor("permutation"), f.get_tensor("cost"), **_parse_metadata(meta))
+
+    def _metadata(self) -> dict[str, str]:
+        return {"using": json.dumps(list(self.using)), "method": self.method, "folded": json.dumps(self.folded)}
+
+
+def _parse_metadata(meta: dict[str, str]) -> dict:
+    return {"using": tuple(json.loads(meta["using"])), "method": meta["method"], "folded": json.loads(meta["folded"])}
+
+
+def _atomic_save(save_file, tensors: dict, path, metadata: dict[str, str]) -> None:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature vectors and costs
+# ---------------------------------------------------------------------------------------------
+
+
+def feature_vectors(sae: SparseAutoencoder, using: Sequence[str] = ("decoder",)) -> torch.Tensor:
+    """The per-feature vectors that SAE Match compares, ``[n_features, D]`` float32.
+
+    ``"decoder"`` contributes ``W_dec[i, :]`` (d values); ``"encoder"`` contributes ``W_enc[:, i]`` and
+    ``b_enc[i]`` (d + 1 values), as the paper matches W_dec, W_enc and b_enc together.
+    """
+    parts = []
+    for part in using:
+        if part == "decoder":
+            parts.append(sae.W_dec)
+        else:
+            parts.extend([sae.W_enc.T, sae.b_enc[:, None]])
+    return torch.cat([p.detach().float() for p in parts], dim=1)
+
+
+def _block_rows(n_columns: int, block_bytes: int) -> int:
+    """Rows of a float32 ``[rows, n_columns]`` block that fit in ``block_bytes``."""
+    return max(1, min(n_columns, block_bytes // (4 * n_columns)))
+
+
+def _cost_block(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    """``(||a_i||^2 + ||b_j||^2 - 2 <a_i, b_j>) / D`` for a block of rows of A, float32, clamped at 0."""
+    return ((a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)) / a.shape[1]).clamp_min_(0.0)
+
+
+def dense_cost_matrix(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 2**20) -> np.ndarray:
+    """The full ``[n_a, n_b]`` MSE cost matrix as a float64 numpy array, built in float32 blocks."""
+    a_sq, b_sq = a.square().sum(1), b.square().sum(1)
+    cost = np.empty((a.shape[0], b.shape[0]), dtype=np.float64)
+    step = _block_rows(b.shape[0], block_bytes)
+    for start in range(0, a.shape[0], step):
+        stop = min(start + step, a.shape[0])
+        cost[start:stop] = _cost_block(a[start:stop], b, a_sq[start:stop], b_sq).cpu().numpy()
+    return cost
+
+
+def _pair_costs(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """``||a_rows - b_cols||^2 / D`` for given pairs, computed on differences (no cancellation)."""
+    out = torch.empty(rows.numel(), dtype=torch.float32, device=a.device)
+    for s in range(0, rows.numel(), chunk):
+        r, c = rows[s : s + chunk], cols[s : s + chunk]
+        out[s : s + chunk] = (a[r] - b[c]).square().mean(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_assignment(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Columns matched to rows ``0..n-1`` by a dense LAP on the MSE cost (SciPy ``linear_sum_assignment``)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = dense_cost_matrix(a, b, block_bytes)
+    _, cols = linear_sum_assignment(cost)  # float64 and C-contiguous: SciPy solves in place, no copy
+    return torch.from_numpy(cols).long()
+
+
+def topk_candidates(a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate pairs: each row's ``k`` nearest columns and each column's ``k`` nearest rows.
+
+    Ranked by inner product corrected for norms: for row ``i``, ``<a_i, b_j> - ||b_j||^2 / 2`` (the
+    same order as ``||a_i - b_j||^2``; a plain inner product would favour long vectors), and
+    symmetrically for columns. Computed over blocks of rows of A, so only a ``[rows, n_b]`` block of
+    inner products is held at a time.
+
+    Returns:
+        ``(rows, cols)``: the unique candidate pairs, two ``[E]`` long tensors, sorted by row then column.
+    """
+    n_a, n_b = a.shape[0], b.shape[0]
+    k_row, k_col = min(k, n_b), min(k, n_a)
+    half_a_sq, half_b_sq = a.square().sum(1) / 2, b.square().sum(1) / 2
+    row_best = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
+    col_val = torch.full((k_col, n_b), -torch.inf, device=a.device)
+    col_idx = torch.zeros(k_col, n_b, dtype=torch.long, device=a.device)
+    step = _block_rows(n_b, block_bytes)
+    for start in range(0, n_a, step):
+        dots = a[start : start + step] @ b.T  # [rows, n_b]
+        row_best[start : start + step] = (dots - half_b_sq[None, :]).topk(k_row, dim=1).indices
+        # merge this block's nearest rows per column with the running nearest
+        val, idx = (dots - half_a_sq[start : start + step, None]).topk(min(k_col, dots.shape[0]), dim=0)
+        merged_val, merged_idx = torch.cat([col_val, val]), torch.cat([col_idx, idx + start])
+        keep = merged_val.topk(k_col, dim=0).indices
+        col_val, col_idx = merged_val.gather(0, keep), merged_idx.gather(0, keep)
+    rows = torch.cat([torch.arange(n_a, device=a.device).repeat_interleave(k_row), col_idx.flatten()])
+    cols = torch.cat([row_best.flatten(), torch.arange(n_b, device=a.device).repeat(k_col)])
+    keys = torch.unique(rows * n_b + cols)  # sorted, duplicates removed
+    return keys // n_b, keys % n_b
+
+
+def _completion_edges(rows: np.ndarray, cols: np.ndarray, n: int, a: torch.Tensor, b: torch.Tensor, block_bytes: int):
+    """Edges that make the candidate graph perfectly matchable (the fallback).
+
+    A maximum matching of the candidate graph leaves ``m`` rows and ``m`` columns unmatched; these are
+    paired by a dense LAP on their ``m x m`` costs. Usually ``m`` is 0 or tiny.
+    """
+    from scipy.optimize import linear_sum_assignment
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
+    graph = csr_array((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
+    matched_col = maximum_bipartite_matching(graph, perm_type="column")  # row -> column or -1
+    free_rows = np.flatnonzero(matched_col < 0)
+    if free_rows.size == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    taken = np.zeros(n, dtype=bool)
+    taken[matched_col[matched_col >= 0]] = True
+    free_cols = np.flatnonzero(~taken)
+    sub_rows, sub_cols = torch.from_numpy(free_rows).to(a.device), torch.from_numpy(free_cols).to(b.device)
+    _, pick = linear_sum_assignment(dense_cost_matrix(a[sub_rows], b[sub_cols], block_bytes))
+    return free_rows, free_cols[pick]
+
+
+def sparse_assignment(a: torch.Tensor, b: torch.Tensor, k: int = 32, block_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Columns matched to rows ``0..n-1`` by a min-cost full matching on the top-``k`` candidate graph."""
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n = a.shape[0]
+    rows_t, cols_t = topk_candidates(a, b, k, block_bytes)
+    rows, cols = rows_t.cpu().numpy(), cols_t.cpu().numpy()
+    extra_rows, extra_cols = _completion_edges(rows, cols, n, a, b, block_bytes)
+    if extra_rows.size:
+        keys = np.unique(np.concatenate([rows * n + cols, extra_rows * n + extra_cols]))
+        rows, cols = keys // n, keys % n
+    weights = _pair_costs(a, b, torch.from_numpy(rows).to(a.device), torch.from_numpy(cols).to(a.device)).double().cpu().numpy()
+    # The solver reads a stored 0 as "no edge"; shifting every weight by the same constant changes
+    # every full matching's total by the same amount, so the optimum is unchanged.
+    weights += 1.0 - weights.min()
+    graph = csr_array((weights, (rows, cols)), shape=(n, n))
+    _, matched = min_weight_full_bipartite_matching(graph)
+    return torch.from_numpy(matched).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_pair(sae_a, sae_b) -> None:
+    for name, sae in (("sae_a", sae_a), ("sae_b", sae_b)):
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(f"`{name}` must be a SparseAutoencoder (see load_sae), got {type(sae).__name__}.")
+    if sae_a.d_model != sae_b.d_model:
+        raise ValueError(
+            f"d_model mismatch: `sae_a` reads {sae_a.d_model}-dimensional hidden states and `sae_b` {sae_b.d_model}; "
+            "SAE Match compares SAEs of the same model."
+        )
+    if sae_a.n_features != sae_b.n_features:
+        raise ValueError(
+            f"n_features mismatch: `sae_a` has {sae_a.n_features} features and `sae_b` {sae_b.n_features}; "
+            "a one-to-one matching needs SAEs of the same width."
+        )
+
+
+def _check_options(using, method, k) -> tuple[str, ...]:
+    if isinstance(using, str):
+        using = (using,)
+    using = tuple(using)
+    if not using or any(part not in PARTS for part in using) or len(set(using)) != len(using):
+        raise ValueError(f"`using` must be a non-empty tuple of distinct parts from {PARTS}, got {using!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    return using
+
+
+def _maybe_fold(sae: SparseAutoencoder, fold_thresholds: bool) -> SparseAutoencoder:
+    return fold(sae) if fold_thresholds and sae.activation == "jumprelu" else sae
+
+
+def match(
+    sae_a: SparseAutoencoder,
+    sae_b: SparseAutoencoder,
+    using: Sequence[str] = ("decoder",),
+    method: str = "exact",
+    *,
+    fold: bool = True,
+    k: int = 32,
+    block_bytes: int = 256 * 2**20,
+) -> Matching:
+    """Match the features of ``sae_a`` to those of ``sae_b`` (SAE Match, arXiv 2410.07656).
+
+    Args:
+        sae_a: the SAE of the earlier layer.
+        sae_b: the SAE of the later layer (same ``d_model`` and width).
+        using: the parts compared: ``("decoder",)`` (the default; about as good as all parts, Fig. 12)
+            or ``("encoder", "decoder")`` (W_enc, b_enc and W_dec together, as in the paper's experiments).
+        method: ``"exact"`` (dense LAP, ``n^2 * 8`` bytes) or ``"sparse"`` (top-``k`` candidate graph;
+            for wide SAEs, memory ``O(n * k)`` plus one block).
+        fold: fold JumpReLU thresholds into the weights first (Eq. 4; the paper's setting). SAEs
+            without thresholds (ReLU, TopK) are compared as they are.
+        k: candidates per feature for ``method="sparse"`` (from each side).
+        block_bytes: the size of the float32 score blocks.
+
+    Returns:
+        A `Matching`.
+
+    Raises:
+        TypeError: an SAE is not a `SparseAutoencoder`.
+        ValueError: d_model or width mismatch, or a bad ``using`` / ``method`` / ``k``.
+
+    Examples:
+        >>> from hf_ext.sae_match import match
+        >>> from hf_ext.sae_match.synthetic import planted_pair
+        >>> sae_a, sae_b, truth = planted_pair(n_features=64, d_model=16, seed=0)
+        >>> m = match(sae_a, sae_b)
+        >>> bool((m.permutation == truth).all())
+        True
+    """
+    _check_pair(sae_a, sae_b)
+    using = _check_options(using, method, k)
+    a = feature_vectors(_maybe_fold(sae_a, fold), using)
+    b = feature_vectors(_maybe_fold(sae_b, fold), using).to(a.device)
+    if method == "exact":
+        permutation = exact_assignment(a, b, block_bytes)
+    else:
+        permutation = sparse_assignment(a, b, k, block_bytes)
+    permutation = permutation.to(a.device)
+    cost = _pair_costs(a, b, torch.arange(a.shape[0], device=a.device), permutation)
+    folded = fold and (sae_a.activation == "jumprelu" or sae_b.activation == "jumprelu")
+    return Matching(permutation=permutation, cost=cost, using=using, method=method, folded=folded)
+
+
+@dataclass(frozen=True)
+class LayerMatchings:
+    """Matchings between consecutive SAEs ``0 -> 1 -> ... -> L``, and what follows from chaining them.
+
+    Args:
+        matchings: ``L`` matchings; ``matchings[l]`` maps features of SAE ``l`` to SAE ``l + 1``.
+    """
+
+    matchings: list[Matching]
+
+    @property
+    def n_layers(self) -> int:
+        """The number of SAEs chained (one more than the number of matchings)."""
+        return len(self.matchings) + 1
+
+    def compose(self, start: int, stop: int) -> torch.Tensor:
+        """pi(start -> stop) = pi(stop-1 -> stop) o ... o pi(start -> start+1), ``[n]`` long (Sec. 3.3).
+
+        Feature ``i`` of SAE ``start`` is followed to feature ``compose(start, stop)[i]`` of SAE ``stop``.
+        """
+        if not 0 <= start <= stop < self.n_layers:
+            raise ValueError(f"`start` and `stop` must satisfy 0 <= start <= stop < {self.n_layers}, got {start}, {stop}.")
+        perm = torch.arange(self.matchings[0].n_features, device=self.matchings[0].permutation.device)
+        for matching in self.matchings[start:stop]:
+            perm = matching.permutation[perm]
+        return perm
+
+    def feature_paths(self, start: int = 0) -> torch.Tensor:
+        """``[n, n_layers - start]`` long: row ``i`` is the index of feature ``i`` of SAE ``start`` in each later SAE."""
+        steps = [self.compose(start, stop) for stop in range(start, self.n_layers)]
+        return torch.stack(steps, dim=1)
+
+    def path_costs(self, start: int = 0) -> torch.Tensor:
+        """``[n, n_layers - 1 - start]``: the cost of each step of each feature path from SAE ``start``."""
+        paths = self.feature_paths(start)
+        return torch.stack([self.matchings[start + s].cost[paths[:, s]] for s in range(paths.shape[1] - 1)], dim=1)
+
+    def persistence(self, threshold: float) -> torch.Tensor:
+        """How many layers each feature survives: ``[n_layers, n]`` long.
+
+        Entry ``[l, i]`` counts the consecutive matching steps from feature ``i`` of SAE ``l`` onward whose
+        cost stays below ``threshold`` (0: its match in layer ``l + 1`` is already too far; the last
+        layer is always 0).
+        """
+        if not threshold > 0:
+            raise ValueError(f"`threshold` must be > 0, got {threshold!r}.")
+        n = self.matchings[0].n_features
+        device = self.matchings[0].permutation.device
+        survive = [torch.zeros(n, dtype=torch.long, device=device)]
+        for matching in reversed(self.matchings):  # survive[l] = [cost_l < t] * (1 + survive[l+1][pi_l])
+            next_survive = survive[0]
+            survive.insert(0, (matching.cost < threshold).long() * (1 + next_survive[matching.permutation]))
+        return torch.stack(survive)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write all matchings to one safetensors file (keys ``"{l}.permutation"``, ``"{l}.cost"``)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        for layer, matching in enumerate(self.matchings):
+            tensors[f"{layer}.permutation"], tensors[f"{layer}.cost"] = matching.permutation, matching.cost
+            meta[str(layer)] = json.dumps(matching._metadata())
+        _atomic_save(save_file, tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LayerMatchings":
+        """Read a file written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return cls([
+                Matching(f.get_tensor(f"{l}.permutation"), f.get_tensor(f"{l}.cost"), **_parse_metadata(json.loads(meta[str(l)])))
+                for l in range(len(meta))
+            ])
+
+
+def match_layers(
+    saes: Sequence[SparseAutoencoder],
+    using: Sequence[str] = ("decoder",),
+    method: str = "exact",
+    *,
+    fold: bool = True,
+    k: int = 32,
+    block_bytes: int = 256 * 2**20,
+    progress: bool = False,
+) -> LayerMatchings:
+    """Match each SAE to the next: ``saes[0] -> saes[1] -> ... -> saes[L]``.
+
+    Args:
+        saes: at least two SAEs of consecutive layers (same ``d_model`` and width).
+        using, method, fold, k, block_bytes: as in `match`.
+        progress: show a progress bar.
+
+    Returns:
+        `LayerMatchings`, with composed permutations, feature paths and persistence.
+
+    Examples:
+        >>> from hf_ext.sae_match import match_layers
+        >>> from hf_ext.sae_match.synthetic import planted_chain
+        >>> saes, truths = planted_chain(n_layers=3, n_features=64, d_model=16, seed=0)
+        >>> chain = match_layers(saes)
+        >>> bool((chain.compose(0, 2) == truths[1][truths[0]]).all())
+        True
+    """
+    if len(saes) < 2:
+        raise ValueError(f"`saes` must hold at least two SAEs, got {len(saes)}.")
+    _check_options(using, method, k)
+    for left, right in zip(saes[:-1], saes[1:]):
+        _check_pair(left, right)
+    from tqdm.auto import tqdm
+
+    pairs = tqdm(range(len(saes) - 1), desc="matching layers", disable=not progress)
+    return LayerMatchings([
+        match(saes[l], saes[l + 1], using, method, fold=fold, k=k, block_bytes=block_bytes) for l in pairs
+    ])
+
+
+__all__ = [
+    "LayerMatchings",
+    "METHODS",
+    "Matching",
+    "PARTS",
+    "dense_cost_matrix",
+    "exact_assignment",
+    "feature_vectors",
+    "match",
+    "match_layers",
+    "sparse_assignment",
+    "topk_candidates",
+]

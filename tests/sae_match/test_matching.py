@@ -1,0 +1,147 @@
+"""Matching: planted permutations, solvers against brute force, chains, persistence, errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from hf_ext.sae_match import LayerMatchings, Matching, fold, match, match_layers, permute_features
+from hf_ext.sae_match.matching import _completion_edges, dense_cost_matrix, feature_vectors, topk_candidates
+from hf_ext.sae_match.synthetic import planted_chain, planted_pair, random_sae
+
+
+@pytest.mark.parametrize("method", ["exact", "sparse"])
+@pytest.mark.parametrize("using", [("decoder",), ("encoder", "decoder")])
+def test_planted_permutation_needs_folding(method, using):
+    # thresholds drawn independently per layer over two decades hide the match in the raw weights
+    sae_a, sae_b, truth = planted_pair(n_features=384, d_model=32, noise=0.3, threshold_range=(0.01, 1.0), seed=0)
+    folded = match(sae_a, sae_b, using, method, fold=True, k=16)
+    unfolded = match(sae_a, sae_b, using, method, fold=False, k=16)
+    assert torch.equal(folded.permutation, truth)
+    assert (unfolded.permutation == truth).double().mean() < 0.8
+    assert folded.folded and not unfolded.folded
+
+
+def test_exact_is_optimal_by_brute_force():
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    best = min(itertools.permutations(range(6)), key=lambda p: sum(float((a[i] - b[j]).square().sum()) for i, j in enumerate(p)))
+    sae_a = random_sae(6, 5, "relu", seed=0)
+    sae_b = random_sae(6, 5, "relu", seed=1)
+    sae_a.W_dec.data, sae_b.W_dec.data = a, b
+    for method in ("exact", "sparse"):
+        m = match(sae_a, sae_b, method=method, k=2)
+        assert m.permutation.tolist() == list(best), method
+        torch.testing.assert_close(m.cost, (a - b[m.permutation]).square().mean(1))
+    assert m.total == pytest.approx(float(m.cost.double().sum()))
+
+
+def test_dense_cost_matrix_matches_float64_reference():
+    a, b = torch.randn(50, 12), torch.randn(40, 12)
+    reference = ((a.double()[:, None] - b.double()[None]) ** 2).mean(-1).numpy()
+    np.testing.assert_allclose(dense_cost_matrix(a, b, block_bytes=4 * 40 * 7), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_candidates_match_brute_force():
+    a, b = torch.randn(70, 6), torch.randn(70, 6)
+    rows, cols = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9)  # 9-row blocks: exercises the merge
+    dist = torch.cdist(a.double(), b.double())
+    expected = {(i, int(j)) for i in range(70) for j in dist[i].topk(3, largest=False).indices}
+    expected |= {(int(i), j) for j in range(70) for i in dist[:, j].topk(3, largest=False).indices}
+    assert set(zip(rows.tolist(), cols.tolist())) == expected
+
+
+def test_sparse_fallback_completes_an_unmatchable_graph():
+    # every row's nearest column and every column's nearest row fall in a few hubs: with k=1 the candidate
+    # graph has no perfect matching, and the fallback must complete it
+    a = torch.randn(40, 8)
+    b = torch.randn(40, 8) * 0.01
+    b[:3] = a[:3] * 0.5
+    rows, cols = topk_candidates(a, b, k=1)
+    extra_rows, _ = _completion_edges(rows.numpy(), cols.numpy(), 40, a, b, 2**20)
+    assert extra_rows.size > 0
+    sae_a, sae_b = random_sae(40, 8, "relu", seed=0), random_sae(40, 8, "relu", seed=1)
+    sae_a.W_dec.data, sae_b.W_dec.data = a, b
+    sparse = match(sae_a, sae_b, method="sparse", k=1)
+    assert sorted(sparse.permutation.tolist()) == list(range(40))
+    assert sparse.total >= match(sae_a, sae_b, method="exact").total - 1e-6
+
+
+def test_exact_and_sparse_agree_on_wide_planted_pairs():
+    # 4096 features here (the 16k pair is in benchmarks/bench_sae_match.py)
+    sae_a, sae_b, truth = planted_pair(n_features=4096, d_model=64, noise=0.5, seed=1)
+    exact = match(sae_a, sae_b, method="exact")
+    sparse = match(sae_a, sae_b, method="sparse", k=16)
+    assert exact.agreement(sparse) >= 0.99
+    assert (exact.permutation == truth).double().mean() >= 0.99
+
+
+def test_matching_of_a_permuted_copy_is_that_permutation():
+    sae = random_sae(100, 16, seed=3)
+    perm = torch.randperm(100)
+    permuted = permute_features(sae, perm)  # feature j of `permuted` is feature perm[j] of `sae`
+    m = match(sae, permuted, ("encoder", "decoder"), "sparse", k=4)
+    assert torch.equal(perm[m.permutation], torch.arange(100))
+    assert float(m.cost.abs().max()) < 1e-6
+
+
+def test_matching_save_load_round_trip(tmp_path):
+    m = match(*planted_pair(64, 8, seed=2)[:2], ("encoder", "decoder"), "sparse", k=4)
+    m.save(tmp_path / "m.safetensors")
+    loaded = Matching.load(tmp_path / "m.safetensors")
+    assert torch.equal(loaded.permutation, m.permutation) and torch.equal(loaded.cost, m.cost)
+    assert (loaded.using, loaded.method, loaded.folded) == (("encoder", "decoder"), "sparse", True)
+
+
+def _chain(perms, costs):
+    return LayerMatchings([Matching(torch.tensor(p), torch.tensor(c)) for p, c in zip(perms, costs)])
+
+
+def test_compose_paths_and_persistence_by_hand():
+    chain = _chain([[1, 2, 0], [2, 0, 1], [0, 2, 1]], [[0.1, 0.9, 0.1], [0.1, 0.1, 0.9], [0.1, 0.1, 0.1]])
+    # feature 0: 0 -> 1 -> 0 -> 0 ; feature 1: 1 -> 2 -> 1 -> 2 ; feature 2: 2 -> 0 -> 2 -> 1
+    assert chain.compose(0, 3).tolist() == [0, 2, 1]
+    assert chain.compose(1, 1).tolist() == [0, 1, 2]
+    assert chain.feature_paths(0).tolist() == [[0, 1, 0, 0], [1, 2, 1, 2], [2, 0, 2, 1]]
+    torch.testing.assert_close(chain.path_costs(0), torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.9, 0.1], [0.1, 0.1, 0.1]]))
+    survive = chain.persistence(0.5)
+    # layer 0: f0 survives 3 steps; f1 dies at once; f2 survives 3
+    assert survive.tolist() == [[3, 0, 3], [2, 2, 0], [1, 1, 1], [0, 0, 0]]
+
+
+def test_match_layers_recovers_planted_chain(tmp_path):
+    saes, truths = planted_chain(n_layers=4, n_features=200, d_model=24, noise=0.2, seed=4)
+    chain = match_layers(saes, method="sparse", k=8)
+    for m, truth in zip(chain.matchings, truths):
+        assert torch.equal(m.permutation, truth)
+    assert torch.equal(chain.compose(0, 3), truths[2][truths[1][truths[0]]])
+    chain.save(tmp_path / "chain.safetensors")
+    loaded = LayerMatchings.load(tmp_path / "chain.safetensors")
+    assert all(torch.equal(x.permutation, y.permutation) and x.method == "sparse" for x, y in zip(loaded.matchings, chain.matchings))
+
+
+def test_errors():
+    a, b = random_sae(16, 8), random_sae(16, 12)
+    with pytest.raises(ValueError, match="d_model mismatch: `sae_a` reads 8-dimensional .* `sae_b` 12"):
+        match(a, b)
+    with pytest.raises(ValueError, match="n_features mismatch"):
+        match(random_sae(16, 8), random_sae(32, 8))
+    with pytest.raises(ValueError, match="`using` must be"):
+        match(a, random_sae(16, 8), using=("bias",))
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        match(a, random_sae(16, 8), method="hungarian")
+    with pytest.raises(ValueError, match="`k` must be a positive int"):
+        match(a, random_sae(16, 8), method="sparse", k=0)
+    with pytest.raises(TypeError, match="`sae_b` must be a SparseAutoencoder"):
+        match(a, fold(a).W_dec)
+    with pytest.raises(ValueError, match="at least two SAEs"):
+        match_layers([a])
+    with pytest.raises(ValueError, match="`threshold` must be > 0"):
+        _chain([[0, 1]], [[0.1, 0.1]]).persistence(0)
+
+
+def test_feature_vectors_layout():
+    sae = random_sae(10, 4, seed=5)
+    v = feature_vectors(sae, ("encoder", "decoder"))
+    assert v.shape == (10, 4 + 1 + 4)
+    assert torch.equal(v[3], torch.cat([sae.W_enc[:, 3], sae.b_enc[3:4], sae.W_dec[3]]))
