@@ -75,7 +75,7 @@ def _summary(args, saes, chain, seconds) -> dict:
         summary["persistence"] = {
             "threshold": args.threshold,
             "mean_layers_survived": [float(s.mean()) for s in survive[:-1]],
-            "fraction_surviving_one_layer": [float((s >= 1).mean()) for s in survive[:-1]],
+            "fraction_surviving_one_layer": [float((s >= 1).double().mean()) for s in survive[:-1]],
         }
     return summary
 
