@@ -82,16 +82,20 @@ class AoTTokenIds:
 class AoTFCTable(nn.Module):
     """FC reparametrization ``P = relu(E W1 + b1) W2 + b2`` over the frozen input embeddings ``E`` (paper §3.1).
 
-    ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted model starts as the base model (our choice).
+    Our choices (NOT VERIFIED against the paper): ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted
+    model starts as the base model; ``W1`` starts from N(0, 1 / (d_emb · var(E))), so that the columns of ``E W1``
+    have unit variance whatever the scale of the embeddings (``W2`` then gets useful gradients from the start).
     """
 
-    def __init__(self, embedding_dim: int, hidden_size: int, out_dim: int):
+    def __init__(self, embedding_weight: torch.Tensor, hidden_size: int, out_dim: int):
         super().__init__()
+        embedding_dim = embedding_weight.shape[1]
         self.in_weight = nn.Parameter(torch.empty(embedding_dim, hidden_size))  # W1
         self.in_bias = nn.Parameter(torch.zeros(hidden_size))  # b1
         self.out_weight = nn.Parameter(torch.zeros(hidden_size, out_dim))  # W2
         self.out_bias = nn.Parameter(torch.zeros(out_dim))  # b2
-        nn.init.xavier_uniform_(self.in_weight)
+        embedding_std = embedding_weight.detach().float().std().clamp_min(1e-6).item()
+        nn.init.normal_(self.in_weight, std=1.0 / (math.sqrt(embedding_dim) * embedding_std))
 
     def rows(self, token_ids: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         """Rows ``P[x]`` ``[..., d]`` for ids ``x``; gathering ``E[x]`` first gives the same rows at batch cost."""
@@ -144,10 +148,11 @@ class AoTRawTable(nn.Module):
         return self.table_weight
 
 
-def build_table(config, vocab_size: int, embedding_dim: int, hidden_size: int) -> nn.Module:
+def build_table(config, embedding_weight: torch.Tensor, hidden_size: int) -> nn.Module:
     """The reparametrization module that `config.reparametrization` names."""
+    vocab_size = embedding_weight.shape[0]
     if config.reparametrization == "fc":
-        return AoTFCTable(embedding_dim, config.fc_hidden_size, hidden_size)
+        return AoTFCTable(embedding_weight, config.fc_hidden_size, hidden_size)
     if config.reparametrization == "kronecker":
         return AoTKroneckerTable(vocab_size, config.kronecker_rank, hidden_size)
     return AoTRawTable(vocab_size, hidden_size)
@@ -173,9 +178,9 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
 
-    def update_layer(self, adapter_name: str, config, vocab_size: int, embedding_dim: int, hidden_size: int) -> None:
+    def update_layer(self, adapter_name: str, config, hidden_size: int) -> None:
         """Add the reparametrization of adapter `adapter_name`, on the device of the base layer's weights."""
-        table = build_table(config, vocab_size, embedding_dim, hidden_size)
+        table = build_table(config, self.token_ids.embedding.weight, hidden_size)
         self.aot_reparam[adapter_name] = table.to(next(self.base_layer.parameters()).device)
         self.set_adapter(self.active_adapters)
 

@@ -150,17 +150,12 @@ class AoTPTuningModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        embedding = self._aot_token_ids.embedding
-        sizes = dict(
-            vocab_size=peft_config.vocab_size,
-            embedding_dim=embedding.embedding_dim,
-            hidden_size=self.model.config.hidden_size,
-        )
+        hidden_size = self.model.config.hidden_size
         if isinstance(target, AoTPTuningLayer):
-            target.update_layer(adapter_name, peft_config, **sizes)
+            target.update_layer(adapter_name, peft_config, hidden_size)
             return
         new_module = AoTPTuningLayer(target, self._aot_token_ids)
-        new_module.update_layer(adapter_name, peft_config, **sizes)
+        new_module.update_layer(adapter_name, peft_config, hidden_size)
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
