@@ -1,17 +1,18 @@
-"""Streamed interpolation of two checkpoints, shard by shard, into new sharded safetensors folders.
+"""Streamed interpolation of two checkpoints, tensor by tensor, into new sharded safetensors folders.
 
-Memory stays near one input shard of each model: tensors are read one at a time from
-memory-mapped safetensors files (each file is unmapped once its tensors are done), and outputs are
-streamed straight into their files. That works because the output shards are planned from the
-inputs' headers before anything is read, so each shard's safetensors header (names, dtypes,
-shapes, offsets) can be written first and the tensor bytes appended as they are computed. With
-several alphas, each input tensor is read once and every output is written in the same pass.
+Memory stays near one tensor of each model, whatever the checkpoint size:
+
+- inputs are read from memory-mapped safetensors files, each tensor through its own short-lived
+  ``safe_open`` map, so a file's pages leave the process as soon as that tensor is done;
+- outputs are streamed straight into their files in chunks: the output shards are planned from the
+  inputs' headers before anything is read, so each shard's safetensors header (names, dtypes,
+  shapes, offsets) is written first and the tensor bytes are appended as they are computed;
+- with several alphas, each input tensor is read once and every output is written in the same pass.
 
 Everything is checked before the first byte is written, and the outputs are written into a
 temporary folder beside ``out_dir`` that is renamed into place only when complete.
 """
 
-import contextlib
 import fnmatch
 import json
 import os
@@ -19,7 +20,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ _DTYPE_TO_SAFETENSORS = {
 _SAFETENSORS_TO_DTYPE = {v: k for k, v in _DTYPE_TO_SAFETENSORS.items()}
 
 Spec = tuple[tuple[int, ...], torch.dtype]
+
+_CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per float32 temporary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,41 +77,29 @@ def resolve_model_folder(source: str | os.PathLike, arg: str, cache_dir: str | o
     return folder
 
 
-class _WeightFile:
-    """One weight file opened for reading: memory-mapped safetensors, or a .bin loaded with weights_only=True."""
+def _read_specs(path: Path) -> dict[str, Spec]:
+    """``{name: (shape, dtype)}`` of one weight file, in the file's order, from its header only."""
+    if path.suffix != ".safetensors":
+        return {name: (tuple(t.shape), t.dtype) for name, t in _load_bin(path).items()}
+    from safetensors import safe_open
 
-    def __init__(self, path: Path):
-        self.path = path
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    specs = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():
+            view = f.get_slice(name)
+            if view.get_dtype() not in _SAFETENSORS_TO_DTYPE:
+                raise ValueError(f"Tensor {name!r} in {path} has dtype {view.get_dtype()}; supported: {sorted(_SAFETENSORS_TO_DTYPE)}.")
+            specs[name] = (tuple(view.get_shape()), _SAFETENSORS_TO_DTYPE[view.get_dtype()])
+    return specs
 
-            self._handle = safe_open(str(path), framework="pt", device="cpu")
-            self._tensors = None
-        else:  # mmap keeps a pickled-zip .bin file on disk as well; weights_only refuses arbitrary pickles
-            self._handle = None
-            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
-    def keys(self) -> list[str]:
-        return list(self._handle.keys()) if self._handle is not None else list(self._tensors)
-
-    def spec(self, name: str) -> Spec:
-        if self._handle is None:
-            return tuple(self._tensors[name].shape), self._tensors[name].dtype
-        view = self._handle.get_slice(name)
-        dtype = _SAFETENSORS_TO_DTYPE.get(view.get_dtype())
-        if dtype is None:
-            raise ValueError(f"Tensor {name!r} in {self.path} has dtype {view.get_dtype()}; supported: {sorted(_SAFETENSORS_TO_DTYPE)}.")
-        return tuple(view.get_shape()), dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name) if self._handle is not None else self._tensors[name]
-
-    def close(self) -> None:
-        self._handle = self._tensors = None  # drops the memory map
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses arbitrary pickled objects; mmap leaves the tensors on disk until touched
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class Checkpoint:
-    """The weights of one model folder: which file holds which tensor, and their specs, read lazily.
+    """The weights of one model folder: which file holds which tensor and their specs, and reading one tensor.
 
     Args:
         folder: a folder with ``model.safetensors``, ``model.safetensors.index.json``,
@@ -121,10 +112,10 @@ class Checkpoint:
         for index_name, single_name in ((SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME), (_BIN_WEIGHTS_INDEX_NAME, _BIN_WEIGHTS_NAME)):
             if (folder / index_name).is_file():
                 weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-                self.files = list(dict.fromkeys(weight_map.values()))
+                files = list(dict.fromkeys(weight_map.values()))
                 break
             if (folder / single_name).is_file():
-                self.files = [single_name]
+                files = [single_name]
                 break
         else:
             raise ValueError(
@@ -133,31 +124,29 @@ class Checkpoint:
             )
         # name -> (file, spec), in file order then in each file's own order
         self.tensors: dict[str, tuple[str, Spec]] = {}
-        for file in self.files:
-            weights = _WeightFile(folder / file)
-            self.tensors.update({name: (file, weights.spec(name)) for name in weights.keys()})
-            weights.close()
+        for file in files:
+            self.tensors.update({name: (file, spec) for name, spec in _read_specs(folder / file).items()})
         config = folder / "config.json"
         self.config = json.loads(config.read_text()) if config.is_file() else None
+        self._bin_file, self._bin_tensors = None, None
 
     def specs(self) -> dict[str, Spec]:
         return {name: spec for name, (_, spec) in self.tensors.items()}
 
-    @contextlib.contextmanager
-    def open_files(self) -> Iterator:
-        """A function ``file -> opened file``, opening each on first use; all are closed (unmapped) on exit."""
-        opened: dict[str, _WeightFile] = {}
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``, backed by a memory map that lives only as long as the tensor does.
 
-        def get(file: str) -> _WeightFile:
-            if file not in opened:
-                opened[file] = _WeightFile(self.folder / file)
-            return opened[file]
+        A ``.bin`` file is loaded (memory-mapped) once and kept until a tensor of another file is asked for.
+        """
+        file = self.tensors[name][0]
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
 
-        try:
-            yield get
-        finally:
-            for weights in opened.values():
-                weights.close()
+            with safe_open(str(self.folder / file), framework="pt", device="cpu") as f:
+                return f.get_tensor(name)
+        if self._bin_file != file:
+            self._bin_file, self._bin_tensors = file, _load_bin(self.folder / file)
+        return self._bin_tensors[name]
 
 
 def check_same_architecture(base: Checkpoint, tuned: Checkpoint) -> None:
@@ -228,10 +217,12 @@ def _safetensors_header(names: list[str], specs: dict[str, Spec]) -> bytes:
 
 
 class StreamingShardWriter:
-    """Writes the tensors of a :class:`ShardPlan` into ``folder``, one at a time, in the plan's order.
+    """Writes the tensors of a :class:`ShardPlan` into ``folder``, in the plan's order, each in one or more chunks.
 
-    A shard's header is written when its first tensor arrives and the file is closed after its
-    last; an index is written at the end when there are several shards.
+    A shard's header is written when its first tensor starts and the file is closed after its
+    last; an index is written at the end when there are several shards. Use
+    ``start_tensor(name)``, ``write_chunk(chunk)`` (the tensor's elements in C order, in pieces),
+    ``end_tensor()``, or :meth:`write` for a whole tensor.
     """
 
     def __init__(self, folder: Path, plan: ShardPlan):
@@ -240,21 +231,39 @@ class StreamingShardWriter:
         self._order = iter([(file, name) for file, names in plan.shards.items() for name in names])
         self._file = None
         self._left_in_shard = 0
+        self._tensor: str | None = None
+        self._bytes_left = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        file, expected = next(self._order)
-        if name != expected or (tuple(tensor.shape), tensor.dtype) != self.plan.specs[name]:
-            raise RuntimeError(f"Out-of-plan tensor {name!r} (expected {expected!r} with spec {self.plan.specs[expected]}).")
+    def start_tensor(self, name: str) -> None:
+        file, expected = next(self._order, (None, None))
+        if name != expected or self._tensor is not None:
+            raise RuntimeError(f"Out-of-plan tensor {name!r} (expected {expected!r}).")
         if self._file is None:
             self._file = open(self.folder / file, "wb")  # noqa: SIM115 (closed after the shard's last tensor)
             self._file.write(_safetensors_header(self.plan.shards[file], self.plan.specs))
             self._left_in_shard = len(self.plan.shards[file])
-        # safetensors stores raw little-endian bytes in C order
-        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._tensor, self._bytes_left = name, _nbytes(self.plan.specs[name])
+
+    def write_chunk(self, chunk: torch.Tensor) -> None:
+        if chunk.dtype != self.plan.specs[self._tensor][1]:
+            raise RuntimeError(f"Chunk of {self._tensor!r} has dtype {chunk.dtype}, planned {self.plan.specs[self._tensor][1]}.")
+        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # raw little-endian bytes, C order
+        self._bytes_left -= data.numel()
+        self._file.write(data.numpy().data)
+
+    def end_tensor(self) -> None:
+        if self._bytes_left != 0:
+            raise RuntimeError(f"Tensor {self._tensor!r} got {-self._bytes_left:+d} bytes more than planned.")
+        self._tensor = None
         self._left_in_shard -= 1
         if self._left_in_shard == 0:
             self._file.close()
             self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.start_tensor(name)
+        self.write_chunk(tensor)
+        self.end_tensor()
 
     def finish(self) -> None:
         if next(self._order, None) is not None or self._file is not None:
@@ -463,28 +472,31 @@ def _stream(
     out_specs: dict[str, Spec],
     progress: bool,
 ) -> None:
-    """Read each tensor pair once, in base's file order, and write it interpolated for every alpha."""
+    """Read each tensor pair once, in base's order, and write it interpolated for every alpha, chunk by chunk.
+
+    Chunks bound the float32 temporaries of :func:`lerp` (a few times ``_CHUNK_ELEMENTS`` * 4 bytes)
+    whatever the tensor size.
+    """
     from tqdm.auto import tqdm
 
-    names_by_file: dict[str, list[str]] = {}
-    for name, (file, _) in base.tensors.items():
-        names_by_file.setdefault(file, []).append(name)
     total = 2 * sum(_nbytes(spec) for spec in base.specs().values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="interpolating", disable=not progress) as bar:
-        for file, names in names_by_file.items():
-            # One base file at a time; the tuned files it needs are unmapped with it.
-            with base.open_files() as open_base, tuned.open_files() as open_tuned:
-                for name in names:
-                    theta_base = open_base(file).get(name)
-                    theta_tuned = open_tuned(tuned.tensors[name][0]).get(name)
-                    out_dtype = out_specs[name][1]
-                    for alpha, writer in zip(alphas, writers):
-                        if theta_tuned.is_floating_point():
-                            writer.write(name, lerp(theta_base, theta_tuned, alpha, dtype=out_dtype))
-                        else:
-                            writer.write(name, theta_tuned)
-                    bar.update(2 * _nbytes(base.tensors[name][1]))
-                    del theta_base, theta_tuned
+        for name, (_, spec) in base.tensors.items():
+            theta_base, theta_tuned = base.get(name).reshape(-1), tuned.get(name).reshape(-1)  # (N,) views of the maps
+            out_dtype = out_specs[name][1]
+            for writer in writers:
+                writer.start_tensor(name)
+            for i in range(0, theta_tuned.numel(), _CHUNK_ELEMENTS):
+                chunk_base, chunk_tuned = theta_base[i : i + _CHUNK_ELEMENTS], theta_tuned[i : i + _CHUNK_ELEMENTS]
+                for alpha, writer in zip(alphas, writers):
+                    if chunk_tuned.is_floating_point():
+                        writer.write_chunk(lerp(chunk_base, chunk_tuned, alpha, dtype=out_dtype))
+                    else:  # integer and boolean tensors come from tuned
+                        writer.write_chunk(chunk_tuned)
+            for writer in writers:
+                writer.end_tensor()
+            bar.update(2 * _nbytes(spec))
+            del theta_base, theta_tuned  # unmaps their pages
     for writer in writers:
         writer.finish()
 

@@ -185,15 +185,15 @@ def test_interrupted_run_leaves_nothing(saved, tmp_path, monkeypatch):
     previous.mkdir()
     (previous / "keep.txt").write_text("old")
     calls = {"n": 0}
-    real_write = StreamingShardWriter.write
+    real_write = StreamingShardWriter.write_chunk
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, chunk):
         calls["n"] += 1
         if calls["n"] == 12:  # some shards are already complete on disk by now
             raise KeyboardInterrupt
-        return real_write(self, name, tensor)
+        return real_write(self, chunk)
 
-    monkeypatch.setattr(StreamingShardWriter, "write", failing_write)
+    monkeypatch.setattr(StreamingShardWriter, "write_chunk", failing_write)
     with pytest.raises(KeyboardInterrupt):
         interpolate_checkpoints(base, tuned, [0.5, 2.0], tmp_path / "out", shard_size="20KB")
     assert not (tmp_path / "out").exists()
@@ -202,3 +202,13 @@ def test_interrupted_run_leaves_nothing(saved, tmp_path, monkeypatch):
         interpolate_checkpoints(base, tuned, 0.5, previous, overwrite=True, shard_size="20KB")
     assert sorted(p.name for p in previous.iterdir()) == ["keep.txt"]  # the old output is intact
     assert _leftovers(tmp_path) == []
+
+
+def test_chunked_streaming_equals_whole_tensors(saved, tmp_path, monkeypatch):
+    import hf_ext.merging.checkpoints as checkpoints
+
+    base, tuned = saved / "bfloat16" / "base", saved / "bfloat16" / "tuned"
+    whole = _load_weights(interpolate_checkpoints(base, tuned, 0.3, tmp_path / "whole"))
+    monkeypatch.setattr(checkpoints, "_CHUNK_ELEMENTS", 97)  # divides no tensor size
+    chunked = _load_weights(interpolate_checkpoints(base, tuned, 0.3, tmp_path / "chunked"))
+    assert chunked.keys() == whole.keys() and all(torch.equal(chunked[k], whole[k]) for k in whole)
