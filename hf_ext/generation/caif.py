@@ -91,9 +91,13 @@ def _attribute_log_prob(logits: torch.Tensor, target: int, activation: str, inve
 
 
 def _is_causal_classifier(classifier) -> bool:
-    """A sequence-classification head (``score``) over a decoder, as in GPT2/LlamaForSequenceClassification."""
-    return classifier.config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and isinstance(
-        getattr(classifier, "score", None), nn.Linear
+    """A sequence-classification head (``score``) over a decoder, as in GPT2/LlamaForSequenceClassification, whose
+    attention takes the custom 4D masks the packed candidate forward needs (``sdpa`` or ``eager``)."""
+    config = classifier.config
+    return (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and isinstance(getattr(classifier, "score", None), nn.Linear)
+        and getattr(config, "_attn_implementation", "eager") in ("sdpa", "eager")
     )
 
 
@@ -118,14 +122,13 @@ class _RowCache:
         self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
 
 
-def _left_padded_past(owner, length: int, layer: int, P: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row's keys/values of ``layer`` cropped to ``length`` and left-padded with zeros to ``P`` positions."""
-    if length == 0:  # no past for this block (masked out entirely)
-        zeros = like.new_zeros(like.shape[0], P, like.shape[2])
-        return zeros, zeros
-    k, v = owner.layers[layer]
-    pad = (0, 0, P - length, 0)  # (head dim: none, positions: left)
-    return nn.functional.pad(k[:, :length], pad), nn.functional.pad(v[:, :length], pad)
+def _left_padded(owner: "_RowCache | None", layer: int, j: int, P: int, like) -> torch.Tensor:
+    """A row cache's keys (``j=0``) or values (``j=1``) of ``layer``, left-padded with zeros to ``P`` positions."""
+    if owner is None or not owner.ids:  # no past: all padding (masked out)
+        ref = like[layer][j]
+        return ref.new_zeros(ref.shape[0], P, ref.shape[2])
+    x = owner.layers[layer][j]  # (H, len, D)
+    return nn.functional.pad(x, (0, 0, P - x.shape[1], 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,6 +242,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
             )
         self.target_label = _resolve_target_label(classifier.config, target_label)
         self.is_causal_classifier = _is_causal_classifier(classifier)
+        self.use_prefix_cache = self.is_causal_classifier and use_cache and _supports_prefix_cache(classifier.config)
         if max_classifier_tokens is not None:
             min_tokens = 1 + classifier_tokenizer.num_special_tokens_to_add()
             if isinstance(max_classifier_tokens, bool) or not isinstance(max_classifier_tokens, int) or (
@@ -248,7 +252,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
                     f"`max_classifier_tokens` must be None or an integer >= {min_tokens} (one token plus the "
                     f"classifier tokenizer's special tokens), got {max_classifier_tokens!r}."
                 )
-            if self.is_causal_classifier and use_cache:
+            if self.use_prefix_cache:
                 raise ValueError(
                     f"`max_classifier_tokens`={max_classifier_tokens} truncates the start of the text, which the prefix "
                     "cache of a causal classifier cannot do; pass `use_cache=False` to truncate."
@@ -272,7 +276,6 @@ class CAIFLogitsProcessor(LogitsProcessor):
             classifier_tokenizer = copy.deepcopy(classifier_tokenizer)
             classifier_tokenizer.truncation_side = "left"
         self.classifier_tokenizer = classifier_tokenizer
-        self.use_prefix_cache = self.is_causal_classifier and use_cache and _supports_prefix_cache(classifier.config)
         self._row_caches: list[_RowCache] = []
 
     # --- classifier inputs ------------------------------------------------------------------------------------------
@@ -299,8 +302,9 @@ class CAIFLogitsProcessor(LogitsProcessor):
 
     # --- classifier forwards ----------------------------------------------------------------------------------------
 
-    def _bidirectional_logits(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Class logits ``[N, L]`` of whole sequences, right-padded, in chunks of ``classifier_batch_size``."""
+    def _sequence_logits(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Class logits ``[N, L]`` of whole sequences through the classifier's own forward and head, right-padded, in
+        chunks of ``classifier_batch_size`` (bidirectional classifiers)."""
         device, pad_id = self.classifier.device, self.classifier_tokenizer.pad_token_id
         outputs = []
         for start in range(0, len(sequences), self.classifier_batch_size):
@@ -316,58 +320,89 @@ class CAIFLogitsProcessor(LogitsProcessor):
     def _decoder_logits(
         self, blocks: list[list[int]], owners: list[_RowCache | None], past_lengths: list[int], keep_cache: bool = False
     ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Run a causal classifier on ``blocks`` of new tokens, block ``n`` continuing ``owners[n]`` cropped to
-        ``past_lengths[n]`` tokens (or nothing).
+        """Run a causal classifier on ``blocks`` of new tokens, block ``n`` continuing the first ``past_lengths[n]``
+        tokens of ``owners[n]`` (``None``: no past).
+
+        Blocks that continue the same row cache are packed into one sequence after that row's past, and a 4D mask
+        lets each block see only its own past and its own earlier tokens, so a row's candidates share one copy of
+        its keys/values instead of one each.
 
         Returns the class logits at each block's last token ``[N, L]`` and, with ``keep_cache``, each block's new
         per-layer keys/values ``[H, len(block), D]``.
         """
-        base_model, device = self.classifier.base_model, self.classifier.device
-        pad_id = self.classifier_tokenizer.pad_token_id
         logits, new_layers = [], []
         for start in range(0, len(blocks), self.classifier_batch_size):
             chunk = range(start, min(start + self.classifier_batch_size, len(blocks)))
-            N, P, T = len(chunk), max(past_lengths[n] for n in chunk), max(len(blocks[n]) for n in chunk)
-            # 1. Inputs: the past is left-padded to P and each block right-padded to T, so the real keys of a row
-            #    are contiguous and no query attends to padding only.
-            input_ids = torch.full((N, T), pad_id, dtype=torch.long, device=device)
-            position_ids = torch.zeros((N, T), dtype=torch.long, device=device)
-            attention_mask = torch.zeros((N, P + T), dtype=torch.long, device=device)
-            for i, n in enumerate(chunk):
-                L, block = past_lengths[n], blocks[n]
-                input_ids[i, : len(block)] = torch.tensor(block, device=device)
-                position_ids[i, : len(block)] = torch.arange(L, L + len(block), device=device)
-                attention_mask[i, P - L : P + len(block)] = 1
-            # 2. The past: each distinct (row, length) is padded once, then gathered per block.
-            cache = None
-            if P > 0:
-                groups: dict[tuple[int, int], int] = {}
-                index = torch.tensor(
-                    [groups.setdefault((id(owners[n]), past_lengths[n]), len(groups)) for n in chunk], device=device
-                )
-                owner_of = {g: (owners[n], past_lengths[n]) for n, g in zip(chunk, index.tolist())}
-                shapes = next(owners[n] for n in chunk if past_lengths[n] > 0).layers
-                layers = []
-                for layer, (k_ref, _) in enumerate(shapes):
-                    padded = [_left_padded_past(*owner_of[g], layer, P, k_ref) for g in range(len(groups))]
-                    keys, values = (torch.stack([kv[j] for kv in padded]) for j in (0, 1))  # (G, H, P, D)
-                    layers.append((keys[index], values[index]))  # (N, H, P, D)
-                cache = DynamicCache(layers)
-            # 3. Forward and the head at each block's last real token.
-            out = base_model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                use_cache=keep_cache or cache is not None,
-            )
-            last = torch.tensor([len(blocks[n]) - 1 for n in chunk], device=device)
-            hidden = out.last_hidden_state[torch.arange(N, device=device), last]  # (N, hidden)
+            # 1. Pack: one sequence per row cache (blocks of the same owner are consecutive), one per block without.
+            sequences: list[list[int]] = []  # block indices per packed sequence
+            for n in chunk:
+                if owners[n] is not None and sequences and owners[sequences[-1][0]] is owners[n]:
+                    sequences[-1].append(n)
+                else:
+                    sequences.append([n])
+            out, P, offsets = self._packed_forward(sequences, blocks, owners, past_lengths, keep_cache)
+            # 2. The head at each block's last token, and each block's new keys/values.
+            where = torch.tensor([(r, offsets[n] + len(blocks[n]) - 1) for r, seq in enumerate(sequences) for n in seq])
+            hidden = out.last_hidden_state[where[:, 0], where[:, 1]]  # (N, hidden)
             logits.append(self.classifier.score(hidden).float())
             if keep_cache:
-                for i, n in enumerate(chunk):
-                    new_layers.append(
-                        [(layer.keys[i, :, P : P + len(blocks[n])], layer.values[i, :, P : P + len(blocks[n])])
-                         for layer in out.cache.layers]
-                    )
+                for r, seq in enumerate(sequences):
+                    for n in seq:
+                        span = slice(P + offsets[n], P + offsets[n] + len(blocks[n]))
+                        new_layers.append([(layer.keys[r, :, span], layer.values[r, :, span]) for layer in out.cache.layers])
         return torch.cat(logits), new_layers
+
+    def _packed_forward(self, sequences, blocks, owners, past_lengths, keep_cache):
+        """One forward of the classifier's decoder over packed sequences (see :meth:`_decoder_logits`).
+
+        Returns the decoder output, the padded past length ``P`` and each block's offset in its sequence.
+        """
+        device, dtype = self.classifier.device, self.classifier.dtype
+        R = len(sequences)
+        pasts = [len(owners[seq[0]].ids) if owners[seq[0]] is not None else 0 for seq in sequences]
+        offsets, query_block, query_past, query_pos = {}, [], [], []
+        for r, seq in enumerate(sequences):
+            qb, qp, qpos, q = [], [], [], 0
+            for n in seq:
+                offsets[n] = q
+                L, m = past_lengths[n], len(blocks[n])
+                qb += [n] * m
+                qp += [L] * m
+                qpos += list(range(L, L + m))
+                q += m
+            query_block.append(qb)
+            query_past.append(qp)
+            query_pos.append(qpos)
+        P, Q = max(pasts), max(len(qb) for qb in query_block)
+
+        def padded(rows, fill):  # (R, Q), right-padded
+            return torch.tensor([row + [fill] * (Q - len(row)) for row in rows], device=device)
+
+        block_id, past_len, position_ids = padded(query_block, -1), padded(query_past, 0), padded(query_pos, 0)
+        input_ids = padded([[t for n in seq for t in blocks[n]] for seq in sequences], self.classifier_tokenizer.pad_token_id)
+        # 4D mask (R, 1, Q, P + Q). Past key j of row r (left-padded by P - pasts[r]) is visible to a query whose block
+        # continues the first L past tokens iff j - (P - pasts[r]) < L; new key k is visible iff same block and k <= q.
+        # A padding query sees only itself, so no row of the mask is empty.
+        past_index = torch.arange(P, device=device) - (P - torch.tensor(pasts, device=device))[:, None]  # (R, P)
+        see_past = (past_index[:, None, :] >= 0) & (past_index[:, None, :] < past_len[:, :, None])  # (R, Q, P)
+        q_index = torch.arange(Q, device=device)
+        causal = q_index[None, :, None] >= q_index[None, None, :]
+        same_block = block_id[:, :, None] == block_id[:, None, :]
+        see_new = (same_block & causal & (block_id[:, :, None] >= 0)) | torch.eye(Q, dtype=torch.bool, device=device)
+        allowed = torch.cat([see_past, see_new], dim=-1)[:, None]  # (R, 1, Q, P + Q)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        cache = None
+        if P > 0:
+            like = next(owners[seq[0]] for seq, L in zip(sequences, pasts) if L > 0).layers
+            cache = DynamicCache([
+                tuple(torch.stack([_left_padded(owners[seq[0]], layer, j, P, like) for seq in sequences]) for j in (0, 1))
+                for layer in range(len(like))
+            ])  # per layer (R, H, P, D)
+        out = self.classifier.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
+            use_cache=keep_cache or cache is not None,
+        )
+        return out, P, offsets
 
     def _sync_prefix_caches(self, batch_size: int, rows: list[int], prefixes: list[list[int]]) -> None:
         """Bring each row's cache to its current prefix: keep the common part, encode only the rest."""
@@ -417,7 +452,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
         elif self.is_causal_classifier:
             logits, _ = self._decoder_logits([sequences[n] for n in scored], [None] * len(scored), [0] * len(scored))
         else:
-            logits = self._bidirectional_logits([sequences[n] for n in scored])
+            logits = self._sequence_logits([sequences[n] for n in scored])
         log_probs[scored] = _attribute_log_prob(logits, self.target_label, self.activation, self.invert).cpu()
         return log_probs
 
