@@ -1,0 +1,150 @@
+"""DDLMPipeline: prompt prefix, determinism, per-sample early exit, callbacks, save/load, input errors."""
+
+import pytest
+import torch
+
+from hf_ext import DDLMConfig, DDLMModel, DDLMPipeline, DDLMScheduler
+
+LENGTH, STEPS = 10, 12
+
+
+@pytest.fixture
+def pipe(tiny_tokenizer):
+    torch.manual_seed(0)
+    config = DDLMConfig(vocab_size=len(tiny_tokenizer), embedding_dim=8, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16, time_warp_bins=8,
+                        pad_token_id=tiny_tokenizer.pad_token_id)
+    model = DDLMModel(config).eval()
+    with torch.no_grad():
+        model.time_warp.logits.copy_(torch.randn(8))  # a non-trivial warp, so it must survive save/load
+    pipeline = DDLMPipeline(model=model, scheduler=DDLMScheduler(), tokenizer=tiny_tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _run(pipe, seed=0, **kwargs):
+    kwargs = {"num_samples": 4, "length": LENGTH, "num_inference_steps": STEPS, **kwargs}
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def test_prompt_prefix_is_kept_clean(pipe, tiny_tokenizer):
+    prompt_ids = tiny_tokenizer("the movie was", add_special_tokens=False)["input_ids"]
+    clean = pipe.model.embedding_matrix()[torch.tensor(prompt_ids)].detach()
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append(kwargs["latents"][:, : len(prompt_ids)].clone())
+        return {}
+
+    out = _run(pipe, prompt="the movie was", callback_on_step_end=record)
+    assert len(seen) == STEPS
+    for latents in seen:
+        assert torch.equal(latents, clean.expand_as(latents))
+    assert (out.sequences[:, : len(prompt_ids)] == torch.tensor(prompt_ids)).all()
+    assert all(text.startswith("the movie was") for text in out.texts)
+    assert out.steps_used.tolist() == [STEPS] * 4
+
+
+def test_deterministic_given_a_generator(pipe):
+    first, second, other = _run(pipe, seed=3), _run(pipe, seed=3), _run(pipe, seed=4)
+    assert torch.equal(first.sequences, second.sequences) and first.texts == second.texts
+    assert not torch.equal(first.sequences, other.sequences)
+
+
+def test_time_warp_places_the_steps(pipe):
+    _run(pipe, num_samples=1)
+    u = torch.linspace(1, 0, STEPS + 1)
+    expected = 1.0 + 9.0 * pipe.model.time_warp.inverse_cdf(u)
+    torch.testing.assert_close(pipe.scheduler.sigmas, expected)
+
+
+def _expected_halting_steps(token_history, threshold, patience):
+    """Plain reference of the "switches" criterion on the full run's per-step argmax tokens."""
+    steps = []
+    for row in range(token_history.shape[1]):
+        streak = 0
+        for step in range(1, token_history.shape[0]):
+            share = (token_history[step, row] != token_history[step - 1, row]).float().mean().item()
+            streak = streak + 1 if share <= threshold else 0
+            if streak >= patience:
+                steps.append(step + 1)
+                break
+        else:
+            steps.append(token_history.shape[0])
+    return steps
+
+
+def test_early_exit_stops_per_sample_and_reports_steps(pipe):
+    history = []
+    full = _run(pipe, num_samples=6, callback_on_step_end=lambda p, i, t, kw: history.append(kw["tokens"].clone()) or {},
+                callback_on_step_end_tensor_inputs=["tokens"])
+    history = torch.stack(history)  # (steps, B, L)
+    # pick the threshold whose reference stops samples at the most different steps
+    candidates = [(threshold, _expected_halting_steps(history, threshold, patience=2)) for threshold in (0.0, 0.1, 0.2, 0.3)]
+    threshold, expected = max(candidates, key=lambda c: len(set(c[1])))
+    assert len(set(expected)) > 1 and min(expected) < STEPS  # the test needs samples halting at different steps
+
+    pipe.scheduler = DDLMScheduler(switch_threshold=threshold, halting_patience=2)
+    out = _run(pipe, num_samples=6, early_exit="switches")
+    assert out.steps_used.tolist() == expected
+    for row, steps in enumerate(expected):  # a halted sample keeps the tokens of its last step
+        assert torch.equal(out.sequences[row], history[steps - 1, row])
+    assert torch.equal(full.steps_used, torch.full((6,), STEPS))
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "kl"])
+def test_other_criteria_halt_when_thresholds_are_loose(pipe, criterion):
+    pipe.scheduler = DDLMScheduler(entropy_threshold=1e9, kl_threshold=1e9, halting_patience=1)
+    out = _run(pipe, early_exit=criterion)
+    # entropy holds at the first step; KL needs a previous prediction, so it first holds at the second
+    assert out.steps_used.tolist() == [1 if criterion == "entropy" else 2] * 4
+
+
+def test_callback_on_step_end(pipe):
+    calls = []
+
+    def record(p, i, t, kwargs):
+        assert p is pipe and set(kwargs) == {"latents", "halted", "steps_used"}
+        calls.append((i, float(t), kwargs["steps_used"].tolist()))
+        return {}
+
+    plain = _run(pipe)
+    recorded = _run(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "halted", "steps_used"])
+    assert torch.equal(plain.sequences, recorded.sequences)
+    assert [c[0] for c in calls] == list(range(STEPS))
+    assert [c[1] for c in calls] == pipe.scheduler.timesteps.tolist()
+    assert [c[2] for c in calls] == [[i + 1] * 4 for i in range(STEPS)]
+
+    # a returned "latents" replaces the pipeline's latents
+    replaced = _run(pipe, callback_on_step_end=lambda p, i, t, kw: {"latents": torch.zeros_like(kw["latents"])})
+    assert not torch.equal(replaced.sequences, plain.sequences)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        _run(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_save_load_round_trip_with_tokenizer(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    loaded = DDLMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    for kwargs in ({}, {"prompt": "the film", "early_exit": "switches"}):
+        a, b = _run(pipe, **kwargs), _run(loaded, **kwargs)
+        assert torch.equal(a.sequences, b.sequences) and a.texts == b.texts and torch.equal(a.steps_used, b.steps_used)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"length": 0}, "length"),
+        ({"length": 17}, "length"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"prompt": "the movie was really great and i liked it to me", "length": 5}, "prompt"),
+        ({"early_exit": "perplexity"}, "early_exit"),
+    ],
+)
+def test_bad_input_raises_value_error(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _run(pipe, **kwargs)
