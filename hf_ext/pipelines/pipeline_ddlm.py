@@ -72,7 +72,7 @@ class DDLMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "model"
     _optional_components = ["tokenizer"]
-    _callback_tensor_inputs = ["latents", "x0_hat", "tokens", "halted", "steps_used"]
+    _callback_tensor_inputs = ["latents", "x0_hat", "logits", "tokens", "halted", "steps_used"]
 
     def __init__(self, model: DDLMModel, scheduler: DDLMScheduler, tokenizer=None):
         super().__init__()
@@ -187,7 +187,7 @@ class DDLMPipeline(DiffusionPipeline):
 
         # 5. denoising loop; halted samples are left out of later model calls
         x0_hat = torch.zeros_like(latents)  # self-conditioning input, zeros at the first step
-        previous_logits = None
+        last_logits = None  # (B, L, V) each sample's latest prediction
         halted = torch.zeros(batch_size, dtype=torch.bool, device=device)
         streak = torch.zeros(batch_size, dtype=torch.long, device=device)
         steps_used = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -208,16 +208,15 @@ class DDLMPipeline(DiffusionPipeline):
                 steps_used[active] += 1
 
                 if early_exit is not None:
-                    halted, streak = self._update_halting(
-                        early_exit, logits, previous_logits, active, ~cond, halted, streak
-                    )
-                if previous_logits is None:
-                    previous_logits = torch.zeros(batch_size, *logits.shape[1:], dtype=logits.dtype, device=device)
-                previous_logits[active] = logits
+                    halted, streak = self._update_halting(early_exit, logits, last_logits, active, ~cond, halted, streak)
+                if last_logits is None:
+                    last_logits = torch.zeros(batch_size, *logits.shape[1:], dtype=logits.dtype, device=device)
+                last_logits[active] = logits
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {
-                        "latents": latents, "x0_hat": x0_hat, "tokens": tokens, "halted": halted, "steps_used": steps_used
+                        "latents": latents, "x0_hat": x0_hat, "logits": last_logits, "tokens": tokens, "halted": halted,
+                        "steps_used": steps_used,
                     }
                     callback_kwargs = {k: callback_kwargs[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)

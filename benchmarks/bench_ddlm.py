@@ -1,0 +1,103 @@
+"""DDLM benchmark: sampling throughput, and what each early-exit criterion saves and costs.
+
+Side by side in one run:
+
+1. samples/s of the full Euler solve at 50 and at 200 steps (CDCD samples with 200), and their ratio;
+2. for each halting criterion (entropy, token switches, KL between consecutive predictions) beside the
+   full 200-step run: the share of steps saved, the wall-time ratio, and two quality proxies, the AR-NLL
+   of the samples under an autoregressive judge (CDCD's metric) and the share of tokens identical to the
+   full run's (DDLM compares halted samples with the full run's).
+
+By default a tiny DDLM and a tiny GPT-2 judge are trained in-process on the built-in corpus (offline,
+CPU, about a minute). A trained pipeline folder and a causal-LM judge sharing its tokenizer can be given:
+
+    python benchmarks/bench_ddlm.py
+    python benchmarks/bench_ddlm.py --train-seconds 60 --num-samples 64
+    python benchmarks/bench_ddlm.py --pipeline ddlm-c4 --judge path/to/causal-lm --length 64
+"""
+
+import argparse
+import time
+
+import torch
+
+from hf_ext import DDLMPipeline
+from hf_ext.demo.ddlm import ar_nll, pack_corpus, train_tiny_ar, train_tiny_ddlm
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", default=None, help="A saved DDLMPipeline folder (default: train a tiny one).")
+    parser.add_argument("--judge", default=None, help="Causal LM sharing the pipeline's tokenizer (with --pipeline).")
+    parser.add_argument("--train-seconds", type=float, default=30.0, help="Training time of the tiny DDLM.")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=None, help="Tokens per sample (default: the model's maximum).")
+    parser.add_argument("--steps", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def build(args):
+    """(pipeline, judge) from the flags."""
+    if args.pipeline is None:
+        from hf_ext import DDLMScheduler
+        from hf_ext.testing import get_tiny_tokenizer
+
+        tokenizer = get_tiny_tokenizer()
+        blocks = pack_corpus(tokenizer)
+        print(f"training a tiny DDLM for {args.train_seconds:.0f} s and a tiny GPT-2 judge for 10 s ...")
+        model = train_tiny_ddlm(blocks, tokenizer, seconds=args.train_seconds, seed=args.seed)
+        judge = train_tiny_ar(blocks, tokenizer, seconds=10, seed=args.seed)
+        pipe = DDLMPipeline(model=model, scheduler=DDLMScheduler(), tokenizer=tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        pipe = DDLMPipeline.from_pretrained(args.pipeline)
+        judge = AutoModelForCausalLM.from_pretrained(args.judge).eval() if args.judge else None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, judge
+
+
+def timed(pipe, args, length, steps, criterion=None):
+    start = time.perf_counter()
+    out = pipe(num_samples=args.num_samples, length=length, num_inference_steps=steps, early_exit=criterion,
+               generator=torch.Generator().manual_seed(args.seed))
+    return out, time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    pipe, judge = build(args)
+    length = args.length or pipe.model.config.max_position_embeddings
+    nll = (lambda ids: ar_nll(judge, ids)) if judge is not None else (lambda ids: float("nan"))
+
+    print(f"\n1. throughput ({args.num_samples} samples x {length} tokens, no early exit)")
+    print(f"{'steps':>6} | {'samples/s':>9} | {'s/sample':>8}")
+    rates = {}
+    for steps in args.steps:
+        timed(pipe, args, length, min(steps, 5))  # warm-up
+        _, seconds = timed(pipe, args, length, steps)
+        rates[steps] = args.num_samples / seconds
+        print(f"{steps:>6} | {rates[steps]:9.2f} | {seconds / args.num_samples:8.4f}")
+    if len(rates) > 1:
+        first, last = args.steps[0], args.steps[-1]
+        print(f"ratio samples/s at {first} vs {last} steps: {rates[first] / rates[last]:.2f}x (ideal {last / first:.2f}x)")
+
+    full_steps = max(args.steps)
+    print(f"\n2. early exit vs the full {full_steps}-step run")
+    full, full_seconds = timed(pipe, args, length, full_steps)
+    print(f"{'early_exit':>10} | {'mean steps':>10} | {'steps saved':>11} | {'time ratio':>10} | {'AR-NLL':>7} | "
+          f"{'same tokens':>11}")
+    print(f"{'none':>10} | {full_steps:10.1f} | {0:11.1%} | {1:10.2f} | {nll(full.sequences):7.3f} | {1:11.1%}")
+    for criterion in ("entropy", "switches", "kl"):
+        out, seconds = timed(pipe, args, length, full_steps, criterion)
+        mean_steps = out.steps_used.float().mean().item()
+        same = (out.sequences == full.sequences).float().mean().item()
+        print(f"{criterion:>10} | {mean_steps:10.1f} | {1 - mean_steps / full_steps:11.1%} | "
+              f"{seconds / full_seconds:10.2f} | {nll(out.sequences):7.3f} | {same:11.1%}")
+    print(f"\nthresholds: {dict((k, v) for k, v in pipe.scheduler.config.items() if not k.startswith('_'))}")
+
+
+if __name__ == "__main__":
+    main()
