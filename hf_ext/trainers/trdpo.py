@@ -224,6 +224,19 @@ def _gathered(params: list[torch.Tensor], zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+class _SumOfSquares:
+    """Accumulates squared norms on each tensor's own device; one host sync at the end, not one per parameter."""
+
+    def __init__(self):
+        self.per_device: dict[torch.device, torch.Tensor] = {}
+
+    def add(self, value: torch.Tensor) -> None:
+        self.per_device[value.device] = self.per_device.get(value.device, 0.0) + value
+
+    def sqrt(self) -> float:
+        return sum(float(v) for v in self.per_device.values()) ** 0.5
+
+
 def _is_writer(zero3: bool) -> bool:
     return not zero3 or torch.distributed.get_rank() == 0
 
@@ -255,18 +268,18 @@ class _FullReference:
     @torch.no_grad()
     def update(self, alpha: float) -> dict[str, float]:
         zero3 = _is_zero3()
-        distance_sq = 0.0
+        distance_sq = _SumOfSquares()
         for name, param, ref in self.pairs:
             with _gathered([param, ref], zero3):
                 if not _is_writer(zero3):
                     continue
                 target = self._target(name, ref.data, zero3)
                 policy = param.data.to(device=target.device, dtype=torch.float32)
-                distance_sq += (policy - target).square().sum().item()
+                distance_sq.add((policy - target).square().sum())
                 _mix_(target, policy, alpha)
                 if target is not ref.data:
                     ref.data.copy_(target)
-        return {"ref/distance": distance_sq**0.5}
+        return {"ref/distance": distance_sq.sqrt()}
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -354,7 +367,7 @@ class _LoraReference:
     @torch.no_grad()
     def update(self, alpha: float) -> dict[str, float]:
         zero3 = _is_zero3()
-        distance_sq, worst_error = 0.0, 0.0
+        distance_sq, worst_error = _SumOfSquares(), 0.0
         for name, layer in self.layers:
             policy_b, policy_a = _lora_factors(layer, self.adapter)
             ref_b, ref_a = _lora_factors(layer, REF_ADAPTER)
@@ -367,7 +380,7 @@ class _LoraReference:
                     self.master.get(f"{name}.lora_A", ref_a.data.flatten(1)),
                     1.0,
                 )
-                distance_sq += low_rank_distance_sq(policy, ref).item()
+                distance_sq.add(low_rank_distance_sq(policy, ref))
                 parts = [(policy[0], policy[1], alpha * policy[2])] + (
                     [(ref[0], ref[1], 1.0 - alpha)] if alpha < 1.0 else []
                 )
@@ -380,10 +393,10 @@ class _LoraReference:
                     continue
                 target = self.master.setdefault(name, ref.data.float().clone())
                 policy = param.data.to(device=target.device, dtype=torch.float32)
-                distance_sq += (policy - target).square().sum().item()
+                distance_sq.add((policy - target).square().sum())
                 _mix_(target, policy, alpha)
                 ref.data.copy_(target)
-        return {"ref/distance": distance_sq**0.5, "ref/truncation_error": worst_error}
+        return {"ref/distance": distance_sq.sqrt(), "ref/truncation_error": worst_error}
 
     def _store(self, name, ref_b, ref_a, new_b, new_a) -> None:
         self.master[f"{name}.lora_B"], self.master[f"{name}.lora_A"] = new_b, new_a
