@@ -208,7 +208,7 @@ class DDLMPipeline(DiffusionPipeline):
                 steps_used[active] += 1
 
                 if early_exit is not None:
-                    halted, streak = self._update_halting(early_exit, logits, last_logits, active, ~cond, halted, streak)
+                    halted, streak = self._update_halting(early_exit, i, logits, last_logits, active, ~cond, halted, streak)
                 if last_logits is None:
                     last_logits = torch.zeros(batch_size, *logits.shape[1:], dtype=logits.dtype, device=device)
                 last_logits[active] = logits
@@ -233,11 +233,11 @@ class DDLMPipeline(DiffusionPipeline):
             return texts, tokens, steps_used
         return DDLMPipelineOutput(texts=texts, sequences=tokens, steps_used=steps_used)
 
-    def _update_halting(self, criterion, logits, previous_logits, active, generation_mask, halted, streak):
-        """DDLM's early exit: a sample halts once its criterion has held `halting_patience` steps in a row."""
+    def _update_halting(self, criterion, step, logits, previous_logits, active, generation_mask, halted, streak):
+        """DDLM's early exit: a sample halts once its criterion has held `halting_patience` checked steps in a row."""
         previous = None if previous_logits is None else previous_logits[active]
         statistic = self.scheduler.halting_statistic(criterion, logits, previous, generation_mask)  # (A,)
-        holds = statistic <= self.scheduler.halting_threshold(criterion)
+        holds = (statistic <= self.scheduler.halting_threshold(criterion)) & self.scheduler.halting_checked(step)
         streak, halted = streak.clone(), halted.clone()
         streak[active] = torch.where(holds, streak[active] + 1, torch.zeros_like(streak[active]))
         halted[active] = streak[active] >= self.scheduler.config.halting_patience

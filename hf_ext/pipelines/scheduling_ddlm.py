@@ -18,7 +18,9 @@ the definitions and thresholds below are our reading of them:
   `switch_threshold`;
 - ``"kl"``: the mean KL(p_i || p_{i-1}) between consecutive predictions is at most `kl_threshold`;
 
-each for `halting_patience` steps in a row.
+each for `halting_patience` steps in a row, checked from step `halting_start_fraction * N` on. The
+start is our guard: an under-trained model's predictions barely move in the first, high-noise steps,
+which the change-based criteria would read as convergence.
 """
 
 from collections.abc import Callable
@@ -76,6 +78,8 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
             `"kl"` criterion: halt when the mean KL (nats) between consecutive predictions is at most this.
         halting_patience (`int`, defaults to 3):
             How many consecutive steps a criterion must hold before a sample halts.
+        halting_start_fraction (`float`, defaults to 0.5):
+            Share of the steps taken before any criterion is checked, in [0, 1) (our choice, see above).
 
     Example:
 
@@ -100,6 +104,7 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         switch_threshold: float = 0.0,
         kl_threshold: float = 0.002,
         halting_patience: int = 3,
+        halting_start_fraction: float = 0.5,
     ):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(
@@ -107,6 +112,8 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
             )
         if halting_patience < 1:
             raise ValueError(f"`halting_patience` must be >= 1, got {halting_patience}.")
+        if not 0.0 <= halting_start_fraction < 1.0:
+            raise ValueError(f"`halting_start_fraction` must be in [0, 1), got {halting_start_fraction}.")
         for name, value in (("entropy_threshold", entropy_threshold), ("switch_threshold", switch_threshold),
                             ("kl_threshold", kl_threshold)):
             if value < 0:
@@ -228,6 +235,10 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
             switched = (logits.argmax(-1) != previous_logits.argmax(-1)).float()
             return (switched * weights).sum(-1) / counts
         return (_kl(logits, previous_logits) * weights).sum(-1) / counts
+
+    def halting_checked(self, step: int) -> bool:
+        """Whether the criteria are checked at 0-based `step` (from `halting_start_fraction` of the steps on)."""
+        return step >= self.config.halting_start_fraction * self.num_inference_steps
 
     def halting_threshold(self, criterion: str) -> float:
         """The config threshold of `criterion`."""

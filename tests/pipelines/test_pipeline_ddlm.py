@@ -58,14 +58,15 @@ def test_time_warp_places_the_steps(pipe):
     torch.testing.assert_close(pipe.scheduler.sigmas, expected)
 
 
-def _expected_halting_steps(token_history, threshold, patience):
+def _expected_halting_steps(token_history, threshold, patience, start_fraction):
     """Plain reference of the "switches" criterion on the full run's per-step argmax tokens."""
     steps = []
     for row in range(token_history.shape[1]):
         streak = 0
         for step in range(1, token_history.shape[0]):
             share = (token_history[step, row] != token_history[step - 1, row]).float().mean().item()
-            streak = streak + 1 if share <= threshold else 0
+            checked = step >= start_fraction * token_history.shape[0]
+            streak = streak + 1 if share <= threshold and checked else 0
             if streak >= patience:
                 steps.append(step + 1)
                 break
@@ -80,11 +81,11 @@ def test_early_exit_stops_per_sample_and_reports_steps(pipe):
                 callback_on_step_end_tensor_inputs=["tokens"])
     history = torch.stack(history)  # (steps, B, L)
     # pick the threshold whose reference stops samples at the most different steps
-    candidates = [(threshold, _expected_halting_steps(history, threshold, patience=2)) for threshold in (0.0, 0.1, 0.2, 0.3)]
+    candidates = [(t, _expected_halting_steps(history, t, patience=2, start_fraction=0.25)) for t in (0.0, 0.15, 0.25, 0.35)]
     threshold, expected = max(candidates, key=lambda c: len(set(c[1])))
     assert len(set(expected)) > 1 and min(expected) < STEPS  # the test needs samples halting at different steps
 
-    pipe.scheduler = DDLMScheduler(switch_threshold=threshold, halting_patience=2)
+    pipe.scheduler = DDLMScheduler(switch_threshold=threshold, halting_patience=2, halting_start_fraction=0.25)
     out = _run(pipe, num_samples=6, early_exit="switches")
     assert out.steps_used.tolist() == expected
     for row, steps in enumerate(expected):  # a halted sample keeps the tokens of its last step
@@ -92,12 +93,14 @@ def test_early_exit_stops_per_sample_and_reports_steps(pipe):
     assert torch.equal(full.steps_used, torch.full((6,), STEPS))
 
 
-@pytest.mark.parametrize("criterion", ["entropy", "kl"])
-def test_other_criteria_halt_when_thresholds_are_loose(pipe, criterion):
-    pipe.scheduler = DDLMScheduler(entropy_threshold=1e9, kl_threshold=1e9, halting_patience=1)
+@pytest.mark.parametrize("criterion, start_fraction, steps", [("entropy", 0.0, 1), ("kl", 0.0, 2), ("entropy", 0.5, 7)])
+def test_loose_thresholds_halt_at_the_first_checked_step(pipe, criterion, start_fraction, steps):
+    pipe.scheduler = DDLMScheduler(entropy_threshold=1e9, kl_threshold=1e9, halting_patience=1,
+                                   halting_start_fraction=start_fraction)
     out = _run(pipe, early_exit=criterion)
-    # entropy holds at the first step; KL needs a previous prediction, so it first holds at the second
-    assert out.steps_used.tolist() == [1 if criterion == "entropy" else 2] * 4
+    # entropy holds at the first checked step; KL needs a previous prediction, so it first holds at the second;
+    # with a start fraction of 0.5 of 12 steps, step index 6 (the 7th evaluation) is the first checked
+    assert out.steps_used.tolist() == [steps] * 4
 
 
 def test_callback_on_step_end(pipe):

@@ -70,6 +70,8 @@ def test_errors_name_the_argument():
         DDLMScheduler(sigma_min=10.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="halting_patience"):
         DDLMScheduler(halting_patience=0)
+    with pytest.raises(ValueError, match="halting_start_fraction"):
+        DDLMScheduler(halting_start_fraction=1.0)
     scheduler = DDLMScheduler()
     with pytest.raises(ValueError, match="num_inference_steps"):
         scheduler.set_timesteps(0)

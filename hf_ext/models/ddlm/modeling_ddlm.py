@@ -206,11 +206,12 @@ class DDLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DDLMTimeWarp):
-            # zero logits: the warp starts as the identity (noise levels drawn uniformly); the curve
-            # starts at ln(V), the cross-entropy of a uniform prediction
+            # zero logits: the warp starts as the identity (noise levels drawn uniformly). The curve starts
+            # as a line from 0 (clean) to ln(V) (a uniform guess at full noise), the range the loss spans
+            # once trained, so the shape rather than the offset is what the fit adjusts.
             init.zeros_(module.logits)
-            init.zeros_(module.log_scale)
-            init.constant_(module.bias, math.log(self.config.vocab_size))
+            init.constant_(module.log_scale, math.log(math.log(self.config.vocab_size)))
+            init.zeros_(module.bias)
 
 
 @dataclass
