@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hf_ext.sae_match.sae import SparseAutoencoder, fold
+from hf_ext.sae_match.sae import SparseAutoencoder, fold_scale
 
 PARTS = ("decoder", "encoder")
 METHODS = ("exact", "sparse")
@@ -100,19 +100,29 @@ def _atomic_save(save_file, tensors: dict, path, metadata: dict[str, str]) -> No
 # ---------------------------------------------------------------------------------------------
 
 
-def feature_vectors(sae: SparseAutoencoder, using: Sequence[str] = ("decoder",)) -> torch.Tensor:
+def feature_vectors(sae: SparseAutoencoder, using: Sequence[str] = ("decoder",), fold: bool = False) -> torch.Tensor:
     """The per-feature vectors that SAE Match compares, ``[n_features, D]`` float32.
 
     ``"decoder"`` contributes ``W_dec[i, :]`` (d values); ``"encoder"`` contributes ``W_enc[:, i]`` and
-    ``b_enc[i]`` (d + 1 values), as the paper matches W_dec, W_enc and b_enc together.
+    ``b_enc[i]`` (d + 1 values), as the paper matches W_dec, W_enc and b_enc together. With ``fold``
+    (JumpReLU SAEs only) the parts are those of the folded SAE (Eq. 4), computed without copying the
+    rest of the SAE.
     """
+    theta = fold_scale(sae)[:, None] if fold else None
     parts = []
     for part in using:
         if part == "decoder":
-            parts.append(sae.W_dec)
+            parts.append(sae.W_dec if theta is None else sae.W_dec * theta)
         else:
-            parts.extend([sae.W_enc.T, sae.b_enc[:, None]])
-    return torch.cat([p.detach().float() for p in parts], dim=1)
+            enc = torch.cat([sae.W_enc.T, sae.b_enc[:, None]], dim=1)
+            parts.append(enc if theta is None else enc / theta)
+    parts = [p.detach().float() for p in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``||x_i||^2`` per row, without a temporary copy of ``x``."""
+    return torch.linalg.vector_norm(x, dim=1).square()
 
 
 def _block_rows(n_columns: int, block_bytes: int) -> int:
@@ -127,7 +137,7 @@ def _cost_block(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torc
 
 def dense_cost_matrix(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 2**20) -> np.ndarray:
     """The full ``[n_a, n_b]`` MSE cost matrix as a float64 numpy array, built in float32 blocks."""
-    a_sq, b_sq = a.square().sum(1), b.square().sum(1)
+    a_sq, b_sq = _squared_norms(a), _squared_norms(b)
     cost = np.empty((a.shape[0], b.shape[0]), dtype=np.float64)
     step = _block_rows(b.shape[0], block_bytes)
     for start in range(0, a.shape[0], step):
@@ -159,7 +169,9 @@ def exact_assignment(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 
     return torch.from_numpy(cols).long()
 
 
-def topk_candidates(a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_candidates(
+    a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int = 256 * 2**20
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate pairs: each row's ``k`` nearest columns and each column's ``k`` nearest rows.
 
     Ranked by inner product corrected for norms: for row ``i``, ``<a_i, b_j> - ||b_j||^2 / 2`` (the
@@ -168,27 +180,33 @@ def topk_candidates(a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int =
     inner products is held at a time.
 
     Returns:
-        ``(rows, cols)``: the unique candidate pairs, two ``[E]`` long tensors, sorted by row then column.
+        ``(rows, cols, dots)``: the unique candidate pairs sorted by row then column, and their inner
+        products ``<a_row, b_col>``; three ``[E]`` tensors.
     """
     n_a, n_b = a.shape[0], b.shape[0]
     k_row, k_col = min(k, n_b), min(k, n_a)
-    half_a_sq, half_b_sq = a.square().sum(1) / 2, b.square().sum(1) / 2
-    row_best = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
+    half_a_sq, half_b_sq = _squared_norms(a) / 2, _squared_norms(b) / 2
+    row_idx = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
+    row_dot = torch.empty(n_a, k_row, device=a.device)
     col_val = torch.full((k_col, n_b), -torch.inf, device=a.device)
     col_idx = torch.zeros(k_col, n_b, dtype=torch.long, device=a.device)
     step = _block_rows(n_b, block_bytes)
     for start in range(0, n_a, step):
-        dots = a[start : start + step] @ b.T  # [rows, n_b]
-        row_best[start : start + step] = (dots - half_b_sq[None, :]).topk(k_row, dim=1).indices
+        stop = min(start + step, n_a)
+        dots = a[start:stop] @ b.T  # [rows, n_b]
+        idx = (dots - half_b_sq[None, :]).topk(k_row, dim=1).indices
+        row_idx[start:stop], row_dot[start:stop] = idx, dots.gather(1, idx)
         # merge this block's nearest rows per column with the running nearest
-        val, idx = (dots - half_a_sq[start : start + step, None]).topk(min(k_col, dots.shape[0]), dim=0)
+        val, idx = (dots - half_a_sq[start:stop, None]).topk(min(k_col, stop - start), dim=0)
         merged_val, merged_idx = torch.cat([col_val, val]), torch.cat([col_idx, idx + start])
         keep = merged_val.topk(k_col, dim=0).indices
         col_val, col_idx = merged_val.gather(0, keep), merged_idx.gather(0, keep)
+    col_dot = col_val + half_a_sq[col_idx]
     rows = torch.cat([torch.arange(n_a, device=a.device).repeat_interleave(k_row), col_idx.flatten()])
-    cols = torch.cat([row_best.flatten(), torch.arange(n_b, device=a.device).repeat(k_col)])
-    keys = torch.unique(rows * n_b + cols)  # sorted, duplicates removed
-    return keys // n_b, keys % n_b
+    cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=a.device).repeat(k_col)])
+    keys, inverse = torch.unique(rows * n_b + cols, return_inverse=True)  # sorted, duplicates removed
+    dots = torch.empty(keys.numel(), device=a.device).scatter_(0, inverse, torch.cat([row_dot.flatten(), col_dot.flatten()]))
+    return keys // n_b, keys % n_b, dots
 
 
 def _completion_edges(rows: np.ndarray, cols: np.ndarray, n: int, a: torch.Tensor, b: torch.Tensor, block_bytes: int):
@@ -219,14 +237,16 @@ def sparse_assignment(a: torch.Tensor, b: torch.Tensor, k: int = 32, block_bytes
     from scipy.sparse import csr_array
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    n = a.shape[0]
-    rows_t, cols_t = topk_candidates(a, b, k, block_bytes)
+    n, dim = a.shape
+    rows_t, cols_t, dots = topk_candidates(a, b, k, block_bytes)
+    a_sq, b_sq = _squared_norms(a).double(), _squared_norms(b).double()
+    weights = ((a_sq[rows_t] + b_sq[cols_t] - 2.0 * dots.double()) / dim).clamp_min(0.0).cpu().numpy()
     rows, cols = rows_t.cpu().numpy(), cols_t.cpu().numpy()
     extra_rows, extra_cols = _completion_edges(rows, cols, n, a, b, block_bytes)
-    if extra_rows.size:
-        keys = np.unique(np.concatenate([rows * n + cols, extra_rows * n + extra_cols]))
-        rows, cols = keys // n, keys % n
-    weights = _pair_costs(a, b, torch.from_numpy(rows).to(a.device), torch.from_numpy(cols).to(a.device)).double().cpu().numpy()
+    if extra_rows.size:  # no candidate joins two vertices a maximum matching left free: no duplicates
+        extra = torch.from_numpy(extra_rows).to(a.device), torch.from_numpy(extra_cols).to(a.device)
+        rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])
+        weights = np.concatenate([weights, _pair_costs(a, b, *extra).double().cpu().numpy()])
     # The solver reads a stored 0 as "no edge"; shifting every weight by the same constant changes
     # every full matching's total by the same amount, so the optimum is unchanged.
     weights += 1.0 - weights.min()
@@ -267,10 +287,6 @@ def _check_options(using, method, k) -> tuple[str, ...]:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"`k` must be a positive int, got {k!r}.")
     return using
-
-
-def _maybe_fold(sae: SparseAutoencoder, fold_thresholds: bool) -> SparseAutoencoder:
-    return fold(sae) if fold_thresholds and sae.activation == "jumprelu" else sae
 
 
 def match(
@@ -314,8 +330,8 @@ def match(
     """
     _check_pair(sae_a, sae_b)
     using = _check_options(using, method, k)
-    a = feature_vectors(_maybe_fold(sae_a, fold), using)
-    b = feature_vectors(_maybe_fold(sae_b, fold), using).to(a.device)
+    a = feature_vectors(sae_a, using, fold=fold and sae_a.activation == "jumprelu")
+    b = feature_vectors(sae_b, using, fold=fold and sae_b.activation == "jumprelu").to(a.device)
     if method == "exact":
         permutation = exact_assignment(a, b, block_bytes)
     else:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hf_ext.sae_match.matching import Matching, _check_pair, feature_vectors
-from hf_ext.sae_match.sae import SparseAutoencoder, fold
+from hf_ext.sae_match.sae import SparseAutoencoder
 
 
 def _as_permutation(matching: Matching | torch.Tensor, n_features: int) -> torch.Tensor:
@@ -41,8 +41,8 @@ def folded_mse(
     """
     _check_pair(sae_a, sae_b)
     permutation = _as_permutation(matching, sae_a.n_features)
-    a = feature_vectors(fold(sae_a) if sae_a.activation == "jumprelu" else sae_a, using)
-    b = feature_vectors(fold(sae_b) if sae_b.activation == "jumprelu" else sae_b, using)
+    a = feature_vectors(sae_a, using, fold=sae_a.activation == "jumprelu")
+    b = feature_vectors(sae_b, using, fold=sae_b.activation == "jumprelu")
     return float((a - b[permutation.to(b.device)]).double().square().mean())
 
 

@@ -31,6 +31,7 @@ def plot_persistence(chain: LayerMatchings, threshold: float, path: str | os.Pat
     ax_cost.plot(pairs, medians, marker="o", label="median")
     ax_cost.plot(pairs, q90, marker=".", linestyle="--", label="90th percentile")
     ax_cost.axhline(threshold, color="grey", linewidth=0.8, label="threshold")
+    ax_cost.set_xticks(list(pairs))
     ax_cost.set(xlabel="layer pair l -> l+1", ylabel="per-feature MSE", title="matching cost", yscale="log")
     ax_cost.legend()
     n_layers = survive.shape[0]

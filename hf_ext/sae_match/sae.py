@@ -73,12 +73,13 @@ class SparseAutoencoder(nn.Module):
     ):
         super().__init__()
         _check_arguments(W_enc, b_enc, W_dec, b_dec, activation, threshold, k)
-        self.W_enc = nn.Parameter(W_enc.detach().clone(), requires_grad=False)
-        self.b_enc = nn.Parameter(b_enc.detach().clone(), requires_grad=False)
-        self.W_dec = nn.Parameter(W_dec.detach().clone(), requires_grad=False)
-        self.b_dec = nn.Parameter(b_dec.detach().clone(), requires_grad=False)
+        # The tensors are used as given (not copied): wide SAEs are large.
+        self.W_enc = nn.Parameter(W_enc.detach(), requires_grad=False)
+        self.b_enc = nn.Parameter(b_enc.detach(), requires_grad=False)
+        self.W_dec = nn.Parameter(W_dec.detach(), requires_grad=False)
+        self.b_dec = nn.Parameter(b_dec.detach(), requires_grad=False)
         if threshold is not None:
-            self.threshold = nn.Parameter(threshold.detach().clone(), requires_grad=False)
+            self.threshold = nn.Parameter(threshold.detach(), requires_grad=False)
         else:
             self.threshold = None
         self.activation = activation
@@ -156,6 +157,24 @@ def _check_arguments(W_enc, b_enc, W_dec, b_dec, activation, threshold, k) -> No
             _check_finite(name, tensor)
 
 
+def fold_scale(sae: SparseAutoencoder) -> torch.Tensor:
+    """The per-feature thresholds ``theta`` that `fold` divides out, ``[n_features]``, after checking them.
+
+    Raises:
+        ValueError: the SAE has no thresholds (ReLU/TopK) or a threshold is not strictly positive.
+    """
+    if sae.activation != "jumprelu" or sae.threshold is None:
+        raise ValueError(
+            f"`fold` needs a JumpReLU SAE with thresholds; this SAE has activation={sae.activation!r} and no "
+            "threshold. Folding is only defined for JumpReLU (match ReLU/TopK SAEs with fold=False)."
+        )
+    theta = sae.threshold.detach()
+    if not bool((theta > 0).all()):
+        bad = int((theta <= 0).sum())
+        raise ValueError(f"`fold` needs strictly positive thresholds; {bad} of {theta.numel()} are <= 0.")
+    return theta
+
+
 def fold(sae: SparseAutoencoder) -> SparseAutoencoder:
     """Fold the JumpReLU thresholds into the weights (Eq. 4 of arXiv 2410.07656).
 
@@ -186,15 +205,7 @@ def fold(sae: SparseAutoencoder) -> SparseAutoencoder:
         tensor([[0.5000, 0.0000],
                 [0.0000, 2.0000]])
     """
-    if sae.activation != "jumprelu" or sae.threshold is None:
-        raise ValueError(
-            f"`fold` needs a JumpReLU SAE with thresholds; this SAE has activation={sae.activation!r} and no "
-            "threshold. Folding is only defined for JumpReLU (match ReLU/TopK SAEs with fold=False)."
-        )
-    theta = sae.threshold.detach()
-    if not bool((theta > 0).all()):
-        bad = int((theta <= 0).sum())
-        raise ValueError(f"`fold` needs strictly positive thresholds; {bad} of {theta.numel()} are <= 0.")
+    theta = fold_scale(sae)
     return SparseAutoencoder(
         sae.W_enc / theta[None, :],
         sae.b_enc / theta,
@@ -229,4 +240,4 @@ def permute_features(sae: SparseAutoencoder, permutation: torch.Tensor) -> Spars
     )
 
 
-__all__ = ["ACTIVATIONS", "SparseAutoencoder", "fold", "permute_features"]
+__all__ = ["ACTIVATIONS", "SparseAutoencoder", "fold", "fold_scale", "permute_features"]

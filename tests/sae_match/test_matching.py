@@ -44,7 +44,8 @@ def test_dense_cost_matrix_matches_float64_reference():
 
 def test_topk_candidates_match_brute_force():
     a, b = torch.randn(70, 6), torch.randn(70, 6)
-    rows, cols = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9)  # 9-row blocks: exercises the merge
+    rows, cols, dots = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9)  # 9-row blocks: exercises the merge
+    torch.testing.assert_close(dots, (a[rows] * b[cols]).sum(1))
     dist = torch.cdist(a.double(), b.double())
     expected = {(i, int(j)) for i in range(70) for j in dist[i].topk(3, largest=False).indices}
     expected |= {(int(i), j) for j in range(70) for i in dist[:, j].topk(3, largest=False).indices}
@@ -57,7 +58,7 @@ def test_sparse_fallback_completes_an_unmatchable_graph():
     a = torch.randn(40, 8)
     b = torch.randn(40, 8) * 0.01
     b[:3] = a[:3] * 0.5
-    rows, cols = topk_candidates(a, b, k=1)
+    rows, cols, _ = topk_candidates(a, b, k=1)
     extra_rows, _ = _completion_edges(rows.numpy(), cols.numpy(), 40, a, b, 2**20)
     assert extra_rows.size > 0
     sae_a, sae_b = random_sae(40, 8, "relu", seed=0), random_sae(40, 8, "relu", seed=1)
