@@ -511,10 +511,12 @@ class TRDPOTrainer(DPOTrainer):
     >>> from hf_ext.data.preference import preference_dataset
     >>> from hf_ext.testing import get_tiny_tokenizer, tiny_gpt2
     >>> args = TRDPOConfig("/tmp/trdpo-doc", ref_update="soft", alpha=0.6, max_steps=2, per_device_train_batch_size=2,
-    ...                    bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", max_length=32)
+    ...                    bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", max_length=32,
+    ...                    save_strategy="no", disable_tqdm=True)
     >>> trainer = TRDPOTrainer(tiny_gpt2(), args=args, train_dataset=preference_dataset(8),
     ...                        processing_class=get_tiny_tokenizer())
-    >>> _ = trainer.train()
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {'train_runtime': ...}
     >>> [log["ref/distance"] > 0 for log in trainer.state.log_history if "ref/distance" in log]
     [True]
     """
