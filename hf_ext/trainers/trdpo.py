@@ -258,9 +258,10 @@ class _FullReference:
         self.pairs = pair_parameters(policy, reference)
         self.master: dict[str, torch.Tensor] = {}
 
-    def _target(self, name: str, ref: torch.Tensor, zero3: bool) -> torch.Tensor:
+    def _master(self, name: str, ref: torch.Tensor, zero3: bool) -> torch.Tensor | None:
+        """The fp32 master of a bf16/fp16 reference parameter (made on first use); None for an fp32 one."""
         if ref.dtype == torch.float32:
-            return ref
+            return None
         if name not in self.master:
             self.master[name] = ref.detach().to(device="cpu" if zero3 else ref.device, dtype=torch.float32, copy=True)
         return self.master[name]
@@ -273,12 +274,13 @@ class _FullReference:
             with _gathered([param, ref], zero3):
                 if not _is_writer(zero3):
                     continue
-                target = self._target(name, ref.data, zero3)
+                master = self._master(name, ref.data, zero3)
+                target = ref.data if master is None else master
                 policy = param.data.to(device=target.device, dtype=torch.float32)
                 distance_sq.add((policy - target).square().sum())
                 _mix_(target, policy, alpha)
-                if target is not ref.data:
-                    ref.data.copy_(target)
+                if master is not None:
+                    ref.data.copy_(master)  # round the fp32 result into the stored dtype
         return {"ref/distance": distance_sq.sqrt()}
 
     @torch.no_grad()
