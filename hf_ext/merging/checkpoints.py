@@ -253,7 +253,8 @@ class StreamingShardWriter:
 
     def end_tensor(self) -> None:
         if self._bytes_left != 0:
-            raise RuntimeError(f"Tensor {self._tensor!r} got {-self._bytes_left:+d} bytes more than planned.")
+            planned = _nbytes(self.plan.specs[self._tensor])
+            raise RuntimeError(f"Tensor {self._tensor!r} got {planned - self._bytes_left} bytes, planned {planned}.")
         self._tensor = None
         self._left_in_shard -= 1
         if self._left_in_shard == 0:

@@ -50,6 +50,14 @@ def test_lerp_bf16_computes_in_fp32_and_rounds_once():
     assert (out != expected).sum() < (in_bf16 != expected).sum() / 10
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha", [-1.0, 0.3, 0.7, 2.0])
+def test_lerp_reduced_precision_equals_float32_reference(dtype, alpha):
+    base, tuned = torch.randn(100_000).to(dtype), torch.randn(100_000).to(dtype)
+    reference = torch.lerp(base.float(), tuned.float(), alpha).to(dtype)  # upcast, compute, round once
+    assert torch.equal(lerp(base, tuned, alpha), reference)
+
+
 def test_lerp_dtype_argument_casts_once():
     base, tuned = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)
     assert lerp(base, tuned, 0.25, dtype=torch.float32).item() == 1.0 + 0.25 * 2**-7
