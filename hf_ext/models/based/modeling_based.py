@@ -104,15 +104,18 @@ def linear_attention_parallel(
 
 def linear_attention_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12, chunk_size: int = 64,
-    initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form of Eq. 1: quadratic inside chunks of `chunk_size`, the state of Eq. 2 between them.
 
     Memory is `O(T * chunk_size + (T / chunk_size) * D_phi * Dv)`, linear in T. Arguments as
-    :func:`linear_attention_parallel`, plus `initial_state` `[B, H, D_phi, Dv+1]` (e.g. from an earlier prefix).
+    :func:`linear_attention_parallel`, plus `initial_state` `[B, H, D_phi, Dv+1]` (e.g. from an earlier prefix)
+    and `output_final_state` (training needs none; the state path is skipped when a single chunk from an
+    empty state needs no state).
 
     Returns:
-        The output `[B, T, H, Dv]` and the final state `[B, H, D_phi, Dv+1]` (float32).
+        The output `[B, T, H, Dv]` and the final state `[B, H, D_phi, Dv+1]` (float32), or None when
+        `output_final_state` is False.
     """
     B, T, H, _ = q.shape
     C = chunk_size
@@ -123,17 +126,20 @@ def linear_attention_chunked(
     q, k, v1 = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2).reshape(B, H, N, C, -1) for x in (q, k, v1))
     # 1. Within each chunk: the quadratic form.
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    intra = (kernel_similarity(q, k, feature_map) * causal) @ v1  # [B, H, N, C, Dv+1]
-    # 2. Across chunks: the state each chunk starts from (exclusive prefix sum of per-chunk states).
-    phi_q, phi_k = expand_features(q, feature_map), expand_features(k, feature_map)  # [B, H, N, C, D_phi]
-    chunk_states = phi_k.transpose(-1, -2) @ v1  # [B, H, N, D_phi, Dv+1]
-    if initial_state is None:
-        initial_state = torch.zeros_like(chunk_states[:, :, 0])
-    starts = torch.cat([initial_state.float().unsqueeze(2), chunk_states[:, :, :-1]], dim=2).cumsum(dim=2)
-    inter = phi_q @ starts  # [B, H, N, C, Dv+1]
+    out = (kernel_similarity(q, k, feature_map) * causal) @ v1  # [B, H, N, C, Dv+1]
+    final_state = None
+    if N > 1 or initial_state is not None or output_final_state:
+        # 2. Across chunks: the state each chunk starts from (exclusive prefix sum of per-chunk states).
+        phi_q, phi_k = expand_features(q, feature_map), expand_features(k, feature_map)  # [B, H, N, C, D_phi]
+        chunk_states = phi_k.transpose(-1, -2) @ v1  # [B, H, N, D_phi, Dv+1]
+        if initial_state is None:
+            initial_state = torch.zeros_like(chunk_states[:, :, 0])
+        starts = torch.cat([initial_state.float().unsqueeze(2), chunk_states[:, :, :-1]], dim=2).cumsum(dim=2)
+        out = out + phi_q @ starts  # [B, H, N, C, Dv+1]
+        if output_final_state:
+            final_state = starts[:, :, -1] + chunk_states[:, :, -1]
     # 3. Normalise and drop the padded positions.
-    out = _normalise(intra + inter, eps).reshape(B, H, N * C, -1)[:, :, :T]
-    final_state = starts[:, :, -1] + chunk_states[:, :, -1]
+    out = _normalise(out, eps).reshape(B, H, N * C, -1)[:, :, :T]
     return out.transpose(1, 2).to(v.dtype), final_state
 
 
@@ -210,7 +216,7 @@ class BasedLinearAttention(nn.Module):
             y, final_state = linear_attention_recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
         else:
             y, final_state = linear_attention_chunked(
-                q, k, v, self.feature_map, self.eps, self.chunk_size, state, padding_mask
+                q, k, v, self.feature_map, self.eps, self.chunk_size, state, padding_mask, output_final_state=cache is not None
             )
         # 3. Keep the state. transformers sets `has_previous_state` only in `update_conv_state`, and this mixer has
         # no convolution, so it is set here (otherwise `get_recurrent_state` keeps returning None).
