@@ -174,6 +174,7 @@ def _run(ctx: DemoContext) -> SectionResult:
         ax.text(i, r["ar_nll"], f"{r['steps_saved']:.0%} saved\n{r['same_tokens']:.0%} same", ha="center", va="bottom",
                 fontsize=7)
     ax.axhline(data_nll, color="tab:green", linestyle="--", label="corpus")
+    ax.set_ylim(0, 1.3 * max(r["ar_nll"] for r in rows))  # room for the labels
     ax.set_ylabel("AR-NLL of samples (nats/token)")
     ax.set_title(f"DDLM early exit ({steps} Euler steps)")
     ax.legend(loc="lower right", fontsize=8)
