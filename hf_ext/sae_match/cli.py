@@ -4,8 +4,8 @@
         layer_11/width_16k/average_l0_80 layer_12/width_16k/average_l0_82 layer_13/width_16k/average_l0_84 \\
         --method sparse --threshold 1e-4 --plot --output-dir out/
 
-writes ``out/matchings.safetensors`` (`LayerMatchings.save`), ``out/summary.json`` and, with
-``--plot``, ``out/persistence.png``. Exit status: 0 on success, 2 on bad arguments or SAE files, 1
+writes ``out/matchings.safetensors`` (`LayerMatchings.save`), ``out/summary.json``, a model card
+``out/README.md`` and, with ``--plot``, ``out/persistence.png``. Exit status: 0 on success, 2 on bad arguments or SAE files, 1
 when files could not be fetched or written.
 """
 
@@ -114,13 +114,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(out: Path, chain, summary: dict, plot_threshold: float | None) -> None:
-    """Write everything into a temporary folder inside ``out``, then move the files into place."""
+    """Write everything (and a model card, README.md) into a temporary folder inside ``out``, then move the files into place."""
+    from hf_ext.model_card import save_model_card
+
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-sae-match-") as tmp:
         tmp = Path(tmp)
         chain.save(tmp / "matchings.safetensors")
         with open(tmp / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
+        save_model_card(tmp, "sae_match", model_name=f"SAE Match: {out.name}", solver=summary["method"], **{
+            key: summary[key] for key in ("locations", "n_features", "using", "fold", "k")})
         if plot_threshold is not None:
             from hf_ext.sae_match.plots import plot_persistence
 

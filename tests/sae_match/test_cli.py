@@ -32,6 +32,8 @@ def test_local_folders_write_matchings_summary_and_plot(tmp_path):
     assert summary["pairs"][0]["total_cost"] == chain.matchings[0].total
     assert summary["persistence"]["mean_layers_survived"][0] == float(chain.persistence(0.05)[0].double().mean())
     assert (out / "persistence.png").stat().st_size > 0
+    card = (out / "README.md").read_text()
+    assert "arxiv:2410.07656" in card and "k = 8 candidates" in card and subfolders[2] in card
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
 
 
