@@ -9,7 +9,8 @@ Side by side in one run:
    full run's (DDLM compares halted samples with the full run's).
 
 By default a tiny DDLM and a tiny GPT-2 judge are trained in-process on the built-in corpus (offline,
-CPU, about a minute). A trained pipeline folder and a causal-LM judge sharing its tokenizer can be given:
+CPU, about a minute), and the halting thresholds are read off a calibration run with another seed (see
+`hf_ext.demo.ddlm.calibrate_thresholds`). A trained pipeline folder and a causal-LM judge sharing its tokenizer can be given:
 
     python benchmarks/bench_ddlm.py
     python benchmarks/bench_ddlm.py --train-seconds 60 --num-samples 64
@@ -22,7 +23,7 @@ import time
 import torch
 
 from hf_ext import DDLMPipeline
-from hf_ext.demo.ddlm import ar_nll, pack_corpus, train_tiny_ar, train_tiny_ddlm
+from hf_ext.demo.ddlm import ar_nll, calibrate_thresholds, pack_corpus, train_tiny_ar, train_tiny_ddlm
 
 
 def parse_args():
@@ -34,6 +35,8 @@ def parse_args():
     parser.add_argument("--length", type=int, default=None, help="Tokens per sample (default: the model's maximum).")
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibrate", action="store_true",
+                        help="Set the halting thresholds from a calibration run (always done for the tiny model).")
     return parser.parse_args()
 
 
@@ -70,6 +73,12 @@ def main():
     torch.manual_seed(args.seed)
     pipe, judge = build(args)
     length = args.length or pipe.model.config.max_position_embeddings
+    if args.pipeline is None or args.calibrate:
+        from hf_ext import DDLMScheduler
+
+        thresholds = calibrate_thresholds(pipe, num_samples=8, num_inference_steps=max(args.steps), seed=args.seed + 1)
+        config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+        pipe.scheduler = DDLMScheduler(**{**config, **thresholds})
     nll = (lambda ids: ar_nll(judge, ids)) if judge is not None else (lambda ids: float("nan"))
 
     print(f"\n1. throughput ({args.num_samples} samples x {length} tokens, no early exit)")

@@ -1,6 +1,6 @@
 """DDLM pipeline: sample text from a CDCD-style continuous diffusion LM, halting each sample early.
 
-Sampling follows CDCD (Dieleman et al., arXiv:2211.15089, Sec. 2-3): start from Gaussian latents at
+Sampling follows CDCD (Dieleman et al., arXiv:2211.15089): start from Gaussian latents at
 sigma_max, evaluate the model (with self-conditioning on its previous x0 estimate), take an Euler step
 of the probability-flow ODE with the score from x0_hat, and read the tokens as the argmax of the last
 prediction. Prompt tokens are a clean prefix: their latents are their embeddings and never move.
@@ -176,7 +176,7 @@ class DDLMPipeline(DiffusionPipeline):
         embeddings = self.model.embedding_matrix()  # (V, d)
         clean = embeddings[prompt_tokens]  # (B, L, d)
 
-        # 3. noise levels, placed by the model's learned time warp (CDCD Sec. 3.3)
+        # 3. noise levels, placed by the model's learned time warp (CDCD, time warping)
         self.scheduler.set_timesteps(num_inference_steps, device=device, inverse_cdf=self.model.time_warp.inverse_cdf)
         timesteps = self.scheduler.timesteps
 

@@ -1,13 +1,13 @@
 """DDLM scheduler: Euler steps on the probability-flow ODE of CDCD, and DDLM's halting criteria.
 
-CDCD ("Continuous diffusion for categorical data", Dieleman et al., arXiv:2211.15089, Sec. 2 and 3.2)
+CDCD ("Continuous diffusion for categorical data", Dieleman et al., arXiv:2211.15089)
 samples by integrating dx/dsigma = -sigma * score(x, sigma) = (x - x0_hat) / sigma, where score
 interpolation gives score = (x0_hat - x) / sigma^2. One Euler step from sigma_i to sigma_{i+1} is
 
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * (x_i - x0_hat) / sigma_i.
 
 The steps sit at sigma_i = sigma_min + (sigma_max - sigma_min) * F^-1(1 - i / N), with F the model's
-learned time-warp CDF (CDCD Sec. 3.3), or evenly spaced without one.
+learned time-warp CDF (CDCD, time warping), or evenly spaced without one.
 
 DDLM ("Diffusion Language Models Generation Can Be Halted Early", arXiv:2305.10818 v2+) stops a sample
 when its prediction has settled. The paper's three criteria are not verified here (see PAPERS.md);
@@ -162,7 +162,7 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """x_sigma = x0 + sigma * eps (CDCD Sec. 2); `sigmas` is a float or `(B,)`."""
+        """x_sigma = x0 + sigma * eps (CDCD); `sigmas` is a float or `(B,)`."""
         sigmas = torch.as_tensor(sigmas, dtype=original_samples.dtype, device=original_samples.device)
         return original_samples + sigmas.reshape(-1, *([1] * (original_samples.ndim - 1))) * noise
 

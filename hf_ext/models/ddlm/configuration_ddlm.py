@@ -19,7 +19,7 @@ class DDLMConfig(PreTrainedConfig):
             Number of tokens the model embeds and predicts.
         embedding_dim (`int`, defaults to 64):
             Size `d` of the diffusion space: token embeddings are L2-normalized and scaled by `sqrt(d)` (CDCD
-            Sec. 3.1 uses d = 256; DDLM's value is NOT VERIFIED).
+            uses d = 256; DDLM's value is NOT VERIFIED).
         hidden_size (`int`, defaults to 768):
             Width of the transformer.
         num_hidden_layers (`int`, defaults to 12):
@@ -42,13 +42,13 @@ class DDLMConfig(PreTrainedConfig):
         sigma_max (`float`, defaults to 10.0):
             Largest training noise scale (see `sigma_min`).
         time_warp_bins (`int`, defaults to 100):
-            Number of pieces of the learned piecewise-linear CDF of the loss over noise levels (CDCD Sec. 4: 100).
+            Number of pieces of the learned piecewise-linear CDF of the loss over noise levels (CDCD: 100).
         time_warp_loss_weight (`float`, defaults to 1.0):
             Weight of the squared error between the time-warp curve and the observed cross-entropy. Only the
             warp's parameters receive its gradient (the cross-entropy is detached).
         self_conditioning_rate (`float`, defaults to 0.5):
-            Share of training batches that first predict x0 without gradient and then condition on it (CDCD
-            Sec. 3.4, after Chen et al. 2022 "Analog Bits"). In [0, 1].
+            Share of training batches that first predict x0 without gradient and then condition on it (CDCD's
+            self-conditioning, after Chen et al. 2022 "Analog Bits"). In [0, 1].
         prefix_mask_rate (`float`, defaults to 0.25):
             Share of training sequences whose random-length prefix is kept clean (prompt conditioning).
         span_mask_rate (`float`, defaults to 0.25):
@@ -112,7 +112,7 @@ class DDLMConfig(PreTrainedConfig):
             raise ValueError(f"`time_warp_bins` must be >= 1, got {self.time_warp_bins}.")
 
     def validate_noise_range(self):
-        """Noise scales are positive and ordered (CDCD Sec. 3: t in [t_min, t_max])."""
+        """Noise scales are positive and ordered (CDCD: t in [t_min, t_max])."""
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(
                 f"`sigma_min` must be > 0 and < `sigma_max`, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}."

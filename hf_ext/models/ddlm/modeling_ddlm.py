@@ -2,20 +2,20 @@
 
 "Democratized Diffusion Language Model" (Balagansky & Gavrilov, arXiv:2305.10818) re-implements CDCD
 ("Continuous diffusion for categorical data", Dieleman et al., arXiv:2211.15089). Sections cited below
-are CDCD's unless marked otherwise.
+are CDCD's unless marked otherwise; CDCD's parts are cited by name (its section numbers were not checked).
 
-- Embeddings are learned, L2-normalized and scaled by sqrt(d) (Sec. 3.1). Noising is
-  x_sigma = e + sigma * eps with eps ~ N(0, I) (Sec. 2), and the network sees c_in(sigma) * x_sigma
+- Embeddings are learned, L2-normalized and scaled by sqrt(d). Noising is
+  x_sigma = e + sigma * eps with eps ~ N(0, I), and the network sees c_in(sigma) * x_sigma
   with c_in = 1 / sqrt(sigma^2 + 1) (EDM preconditioning, Karras et al. 2022, sigma_data = 1).
-- Score interpolation (Sec. 3.2): the network predicts logits over the vocabulary; the denoised
+- Score interpolation: the network predicts logits over the vocabulary; the denoised
   estimate is x0_hat = softmax(logits) @ E and the score is (x0_hat - x) / sigma^2. Training
   minimises the cross-entropy between the logits and the clean tokens.
-- Time warping (Sec. 3.3): a monotone piecewise-linear function F(sigma), fitted to the cross-entropy
+- Time warping: a monotone piecewise-linear function F(sigma), fitted to the cross-entropy
   observed at sigma, is normalised into a CDF; training draws sigma = F^-1(u) with u low-discrepancy
   uniform, and sampling places its steps at F^-1 of evenly spaced u.
-- Self-conditioning (Sec. 3.4, after Chen et al. 2022): on a random half of the training batches the
+- Self-conditioning (after Chen et al. 2022, "Analog Bits"): on a random half of the training batches the
   model first predicts x0 without gradient and then conditions on that estimate.
-- Conditioning (Sec. 3.5): positions under a conditioning mask (a prompt prefix or clean spans) hold
+- Conditioning: positions under a conditioning mask (a prompt prefix or clean spans) hold
   their clean embeddings and are excluded from the loss.
 
 This file imports only torch, transformers and its own folder, so a saved model loads as remote code.
@@ -39,7 +39,7 @@ from .configuration_ddlm import DDLMConfig
 
 
 def normalize_embeddings(weight: torch.Tensor) -> torch.Tensor:
-    """Rows L2-normalized and scaled by sqrt(d), so each has norm sqrt(d) (CDCD Sec. 3.1)."""
+    """Rows L2-normalized and scaled by sqrt(d), so each has norm sqrt(d) (CDCD, embeddings)."""
     return F.normalize(weight, dim=-1) * math.sqrt(weight.shape[-1])
 
 
@@ -49,7 +49,7 @@ def input_scale(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate_embeddings(logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """Score interpolation's x0_hat = softmax(logits) @ E (CDCD Eq. 4), in float32 for low-precision runs.
+    """Score interpolation's x0_hat = softmax(logits) @ E (CDCD, score interpolation), in float32 for low-precision runs.
 
     Args:
         logits: `(B, T, V)` predicted token logits.
@@ -63,14 +63,14 @@ def interpolate_embeddings(logits: torch.Tensor, embeddings: torch.Tensor) -> to
 
 
 def low_discrepancy_uniform(batch_size: int, device: torch.device) -> torch.Tensor:
-    """u_i = (i + u0) / B for one u0 ~ U[0, 1): a stratified batch of uniforms (CDCD Sec. 3.3, after VDM)."""
+    """u_i = (i + u0) / B for one u0 ~ U[0, 1): a stratified batch of uniforms (CDCD, time warping, after VDM)."""
     return (torch.arange(batch_size, device=device) + torch.rand((), device=device)) / batch_size
 
 
 def draw_conditioning_mask(
     batch_size: int, seq_len: int, prefix_rate: float, span_rate: float, device: torch.device
 ) -> torch.Tensor:
-    """A training conditioning mask (True = clean position), as CDCD's mixture of tasks (Sec. 3.5).
+    """A training conditioning mask (True = clean position), as CDCD's mixture of conditioning tasks.
 
     Each row is, independently, a random-length prefix (with probability `prefix_rate`), one random
     clean span (`span_rate`), or fully noisy (the rest). At least one position of a row stays noisy.
@@ -98,7 +98,7 @@ def draw_conditioning_mask(
 
 
 class DDLMTimeWarp(nn.Module):
-    """Learned monotone piecewise-linear CDF over the noise level (CDCD Sec. 3.3, "time warping").
+    """Learned monotone piecewise-linear CDF over the noise level (CDCD, "time warping").
 
     Time is normalised, tau = (sigma - sigma_min) / (sigma_max - sigma_min) in [0, 1], and cut into
     `num_bins` equal pieces. The CDF rises by softmax(`logits`) over the pieces, so it is strictly
@@ -268,10 +268,10 @@ class DDLMModel(DDLMPreTrainedModel):
         super().__init__(config)
         d, h = config.embedding_dim, config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        # noisy input and self-conditioning estimate, concatenated (CDCD Sec. 3.4)
+        # noisy input and self-conditioning estimate, concatenated (CDCD, self-conditioning)
         self.input_proj = nn.Linear(2 * d, h)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, h)
-        # tells the network which positions are clean conditioning (CDCD Sec. 3.5)
+        # tells the network which positions are clean conditioning (CDCD, conditioning)
         self.conditioning_embeddings = nn.Embedding(2, h)
         self.time_embedding = DDLMTimeEmbedding(h)
         self.layers = nn.ModuleList(DDLMBlock(config) for _ in range(config.num_hidden_layers))
@@ -287,7 +287,7 @@ class DDLMModel(DDLMPreTrainedModel):
         self.embed_tokens = value
 
     def embedding_matrix(self) -> torch.Tensor:
-        """`(V, d)` the normalized embeddings E that tokens diffuse from (CDCD Sec. 3.1)."""
+        """`(V, d)` the normalized embeddings E that tokens diffuse from (CDCD, embeddings)."""
         return normalize_embeddings(self.embed_tokens.weight)
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -299,7 +299,7 @@ class DDLMModel(DDLMPreTrainedModel):
         return (sigma - self.config.sigma_min) / (self.config.sigma_max - self.config.sigma_min)
 
     def sample_sigma(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """`(B,)` training noise levels sigma = F^-1(u), u low-discrepancy uniform (CDCD Sec. 3.3)."""
+        """`(B,)` training noise levels sigma = F^-1(u), u low-discrepancy uniform (CDCD, time warping)."""
         tau = self.time_warp.inverse_cdf(low_discrepancy_uniform(batch_size, device))
         return self.config.sigma_min + tau * (self.config.sigma_max - self.config.sigma_min)
 
@@ -378,7 +378,7 @@ class DDLMModel(DDLMPreTrainedModel):
             raise ValueError("`input_ids` must be given (the clean tokens to noise).")
         B, T = input_ids.shape
         device = input_ids.device
-        # 1. noise level, conditioning mask and noisy input x = e + sigma * eps (CDCD Sec. 2)
+        # 1. noise level, conditioning mask and noisy input x = e + sigma * eps (CDCD)
         if sigma is None:
             sigma = self.sample_sigma(B, device)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).expand(B)
@@ -394,14 +394,14 @@ class DDLMModel(DDLMPreTrainedModel):
             noise = torch.randn_like(clean)
         noisy = torch.where(conditioning_mask[..., None], clean, clean + sigma.to(clean.dtype)[:, None, None] * noise)
 
-        # 2. self-conditioning: a first pass without gradient on a random share of batches (CDCD Sec. 3.4)
+        # 2. self-conditioning: a first pass without gradient on a random share of batches (CDCD, self-conditioning)
         embeddings = self.embedding_matrix()
         if self_conditioning is None and self.training and torch.rand(()) < self.config.self_conditioning_rate:
             with torch.no_grad():
                 first = self.denoise(noisy, sigma, None, conditioning_mask, attention_mask)
                 self_conditioning = interpolate_embeddings(first, embeddings)
 
-        # 3. logits and score interpolation's x0_hat (CDCD Eq. 4)
+        # 3. logits and score interpolation's x0_hat (CDCD, score interpolation)
         logits = self.denoise(noisy, sigma, self_conditioning, conditioning_mask, attention_mask)
         x0_hat = interpolate_embeddings(logits, embeddings)
 
@@ -417,7 +417,7 @@ class DDLMModel(DDLMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _loss(self, logits, labels, sigma, conditioning_mask, attention_mask):
-        """Mean CE over scored positions + weight * mean over sequences of (F~(tau) - CE_seq)^2 (CDCD Sec. 3.3)."""
+        """Mean CE over scored positions + weight * mean over sequences of (F~(tau) - CE_seq)^2 (CDCD, time warping)."""
         scored = (labels != -100) & ~conditioning_mask  # (B, T)
         if attention_mask is not None:
             scored &= attention_mask.bool()
