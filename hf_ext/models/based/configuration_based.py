@@ -88,6 +88,7 @@ class BasedConfig(PreTrainedConfig):
     Traceback (most recent call last):
     ...
     ValueError: `feature_dim` must be a positive integer, got 0.
+
     ```
     """
 

@@ -349,6 +349,7 @@ class BasedModel(BasedPreTrainedModel):
     >>> model = BasedModel(BasedConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
     >>> model(torch.tensor([[1, 2, 3]])).last_hidden_state.shape
     torch.Size([1, 3, 32])
+
     ```
     """
 
@@ -461,6 +462,7 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
     >>> out = model.generate(torch.tensor([[5, 40, 6, 41, 5]]), max_new_tokens=3, do_sample=False)
     >>> out.shape
     torch.Size([1, 8])
+
     ```
     """
 
