@@ -55,7 +55,8 @@ def build_models(args):
     fields = {k: v for k, v in albert_config.to_dict().items() if k not in ("model_type", "transformers_version")}
     palbert = PalbertForSequenceClassification(PalbertConfig(**fields, lambda_head="linear")).eval()
     missing, _ = palbert.load_state_dict(albert.state_dict(), strict=False)
-    assert all(k.startswith("lambda_head.") for k in missing), missing  # the same encoder, pooler and classifier
+    if any(not k.startswith("lambda_head.") for k in missing):  # the same encoder, pooler and classifier
+        raise RuntimeError(f"PALBERT did not take these ALBERT weights: {missing}")
     return albert.to(args.device), palbert.to(args.device)
 
 
@@ -128,7 +129,8 @@ def main():
     print(f"{'batch':>6} {'examples':>8} {'ALBERT s':>10} {'PALBERT full s':>15} {'PALBERT q_exit s':>17} "
           f"{'speed-up':>9} {'ideal':>6} {'% of ideal':>10}")
     for batch, examples, ideal_here in ((1, len(one_by_one), batch1_ideal), (args.batch_size, args.batch_size, ideal)):
-        base, full, early = (statistics.median(times[(name, batch)]) for name in ("albert", "palbert_full", "palbert_q_exit"))
+        names = ("albert", "palbert_full", "palbert_q_exit")
+        base, full, early = (statistics.median(times[(name, batch)]) for name in names)
         speedup = base / early
         print(f"{batch:>6} {examples:>8} {base:>10.3f} {full:>15.3f} {early:>17.3f} {speedup:>8.2f}x "
               f"{ideal_here:>5.2f}x {speedup / ideal_here:>10.0%}")

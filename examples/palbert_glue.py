@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -137,7 +136,8 @@ def time_inference(model, collator, evaluation, batch_size: int) -> dict:
         for batch in batches:
             model(**{k: v.to(model.device) for k, v in batch.items()}, inference_mode=mode)
         seconds[mode] = time.perf_counter() - start
-    return {"full_depth_s": seconds["full"], "q_exit_s": seconds["q_exit"], "speedup": seconds["full"] / seconds["q_exit"]}
+    speedup = seconds["full"] / seconds["q_exit"]
+    return {"full_depth_s": seconds["full"], "q_exit_s": seconds["q_exit"], "speedup": speedup}
 
 
 def main(argv=None) -> dict:

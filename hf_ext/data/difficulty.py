@@ -19,7 +19,9 @@ def max_difficulty(num_polar: int) -> int:
     return (num_polar - 1) // 2
 
 
-def difficulty_example(rng: random.Random, label: int, difficulty: int, num_polar: int = 5, num_neutral: int = 3) -> str:
+def difficulty_example(
+    rng: random.Random, label: int, difficulty: int, num_polar: int = 5, num_neutral: int = 3
+) -> str:
     """One text with label `label` and `difficulty` adjectives of the opposite polarity."""
     winners, losers = (POSITIVE, NEGATIVE) if label == 1 else (NEGATIVE, POSITIVE)
     words = [rng.choice(winners) for _ in range(num_polar - difficulty)]

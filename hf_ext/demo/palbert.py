@@ -46,7 +46,8 @@ def run(ctx: DemoContext) -> SectionResult:
     torch.manual_seed(ctx.seed)
     tokenizer = get_tiny_tokenizer()
     train_ids, train_labels, _ = _encode(tokenizer, difficulty_dataset(2000, seed=ctx.seed, num_polar=9))
-    test_ids, test_labels, test_difficulty = _encode(tokenizer, difficulty_dataset(1024, seed=ctx.seed + 1, num_polar=9))
+    test_data = difficulty_dataset(1024, seed=ctx.seed + 1, num_polar=9)
+    test_ids, test_labels, test_difficulty = _encode(tokenizer, test_data)
 
     # prior_lambda = 0.5 (prior mean 2 steps) instead of the paper's 0.1: with L = 6, lambda_p = 0.1 puts 59% of
     # the prior on the last step, and this easy task then learns to run to the end.
@@ -80,7 +81,9 @@ def run(ctx: DemoContext) -> SectionResult:
     for level in sorted(set(test_difficulty.tolist())):
         rows = test_difficulty == level
         table.append({
-            "difficulty": level, "examples": int(rows.sum()), "acc_full": round(full_correct[rows].float().mean().item(), 4),
+            "difficulty": level,
+            "examples": int(rows.sum()),
+            "acc_full": round(full_correct[rows].float().mean().item(), 4),
             "acc_q_exit": round(early_correct[rows].float().mean().item(), 4),
             "mean_exit_step": round(early.exit_step[rows].float().mean().item(), 3),
         })

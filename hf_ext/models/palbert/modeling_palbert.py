@@ -212,7 +212,10 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
         config = PalbertConfig.from_dict({**config_dict, **config_kwargs})
-        return cls.from_pretrained(pretrained_model_name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs)
+        # ignore_mismatched_sizes: a saved classifier with another label count is replaced by a new one.
+        return cls.from_pretrained(
+            pretrained_model_name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs
+        )
 
     # --- one step -----------------------------------------------------------------------------------
 
@@ -286,7 +289,8 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
                 break
             if bool(exits.any()):
                 keep = ~exits
-                rows, hidden, previous, survival, cdf = rows[keep], hidden[keep], previous[keep], survival[keep], cdf[keep]
+                rows, hidden, previous = rows[keep], hidden[keep], previous[keep]
+                survival, cdf = survival[keep], cdf[keep]
                 mask = None if mask is None else mask[keep]
         return out_logits, exit_step
 
@@ -325,11 +329,13 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
 
     def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
         if labels.numel() != batch_size:
-            raise ValueError(f"`labels` must hold one value per example ({batch_size}), got shape {tuple(labels.shape)}.")
+            raise ValueError(
+                f"`labels` must hold one value per example ({batch_size}), got shape {tuple(labels.shape)}."
+            )
         if self.num_labels > 1 and labels.is_floating_point():
             raise ValueError(
-                f"`labels` must be class indices (an integer tensor) for num_labels={self.num_labels}, got {labels.dtype}; "
-                "for regression set num_labels=1."
+                f"`labels` must be class indices (an integer tensor) for num_labels={self.num_labels}, "
+                f"got {labels.dtype}; for regression set num_labels=1."
             )
 
     @can_return_tuple

@@ -5,7 +5,9 @@ import torch
 
 from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
 
-TINY = dict(vocab_size=50, embedding_size=8, hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=3)
+TINY = dict(
+    vocab_size=50, embedding_size=8, hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=3
+)
 
 
 def test_defaults_are_the_papers():

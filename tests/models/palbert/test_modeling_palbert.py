@@ -3,10 +3,21 @@ import math
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import AlbertConfig, AlbertForSequenceClassification, AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    AlbertConfig,
+    AlbertForSequenceClassification,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
-from hf_ext.models.palbert.modeling_palbert import exit_distribution, kl_to_prior, q_exit_step, truncated_geometric_prior
+from hf_ext.models.palbert.modeling_palbert import (
+    exit_distribution,
+    kl_to_prior,
+    q_exit_step,
+    truncated_geometric_prior,
+)
 from hf_ext.testing import lay_out_as_hub_repo, reload_in_subprocess, tiny_albert_config
 
 NUM_STEPS = 6
@@ -125,7 +136,9 @@ def test_loss_and_modes_match_plain_reference():
     out = model(input_ids, attention_mask=attention_mask, labels=labels)
     torch.testing.assert_close(out.exit_probs, p, atol=1e-5, rtol=1e-5)
     task = sum(
-        p[b, t] * F.cross_entropy(step_logits[b, t][None], labels[b][None]) for b in range(len(labels)) for t in range(NUM_STEPS)
+        p[b, t] * F.cross_entropy(step_logits[b, t][None], labels[b][None])
+        for b in range(len(labels))
+        for t in range(NUM_STEPS)
     ) / len(labels)
     kl = sum(_plain_kl(row, prior) for row in p.tolist()) / len(labels)
     torch.testing.assert_close(out.loss, task + 0.5 * kl, atol=1e-5, rtol=1e-5)
@@ -146,7 +159,8 @@ def test_full_mode_equals_albert_for_sequence_classification():
     input_ids, attention_mask, _ = _batch()
     with torch.no_grad():
         expected = albert(input_ids, attention_mask=attention_mask).logits
-        torch.testing.assert_close(model(input_ids, attention_mask=attention_mask, inference_mode="full").logits, expected)
+        full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
+        torch.testing.assert_close(full.logits, expected)
 
 
 # --- batched early exit ----------------------------------------------------------------------------
@@ -276,7 +290,8 @@ def test_remote_code_reload_in_subprocess(hf_ext_importable):
     if hf_ext_importable:
         assert class_name == "hf_ext.models.palbert.modeling_palbert.PalbertForSequenceClassification"
     else:
-        assert class_name.startswith("transformers_modules.") and class_name.endswith("PalbertForSequenceClassification")
+        assert class_name.startswith("transformers_modules.")
+        assert class_name.endswith("PalbertForSequenceClassification")
     torch.testing.assert_close(outputs["logits"], expected.logits)
     assert torch.equal(outputs["exit_step"], expected.exit_step)
 
