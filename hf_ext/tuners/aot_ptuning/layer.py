@@ -200,12 +200,6 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         dtype = next(self.base_layer.parameters()).dtype
         self.aot_collapsed[adapter_name] = reparam.table(self.token_ids.embedding.weight).to(dtype)
 
-    def table(self, adapter_name: str) -> torch.Tensor:
-        """The full table ``P_l`` ``[V, d]`` of `adapter_name` (collapsed if it was, else computed now)."""
-        if adapter_name in self.aot_collapsed:
-            return self.aot_collapsed[adapter_name]
-        return self.aot_reparam[adapter_name].table(self.token_ids.embedding.weight)
-
     def bias(self, adapter_name: str, token_ids: torch.Tensor) -> torch.Tensor:
         """``P_l[x]`` ``[..., d]`` of `adapter_name` for token ids ``x``."""
         if adapter_name in self.aot_collapsed:

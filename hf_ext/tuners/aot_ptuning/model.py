@@ -111,9 +111,10 @@ class AoTPTuningModel(BaseTuner):
     >>> from hf_ext import AoTPTuningConfig
     >>> from hf_ext.testing import tiny_gpt2
     >>> model = get_peft_model(tiny_gpt2(), AoTPTuningConfig(task_type="CAUSAL_LM", reparametrization="kronecker"))
-    >>> model.base_model.collapse()
+    >>> model.eval().base_model.collapse()  # tables for inference
     >>> model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape
     torch.Size([1, 5])
+
     ```
     """
 
