@@ -31,10 +31,12 @@ EXAMPLE_DOC_STRING = """
         >>> config = DDLMConfig(vocab_size=len(tokenizer), embedding_dim=16, hidden_size=32, num_hidden_layers=1,
         ...                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=16)
         >>> pipe = DDLMPipeline(model=DDLMModel(config), scheduler=DDLMScheduler(), tokenizer=tokenizer)
+        >>> pipe.set_progress_bar_config(disable=True)
         >>> out = pipe(num_samples=2, length=12, num_inference_steps=20, prompt="the movie", early_exit="switches",
         ...            generator=torch.Generator().manual_seed(0))
         >>> out.sequences.shape, len(out.texts), out.steps_used.shape
         (torch.Size([2, 12]), 2, torch.Size([2]))
+
         ```
 """
 

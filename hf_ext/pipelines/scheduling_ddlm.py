@@ -87,8 +87,9 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
     >>> from hf_ext import DDLMScheduler
     >>> scheduler = DDLMScheduler(sigma_min=1.0, sigma_max=10.0)
     >>> scheduler.set_timesteps(3)
-    >>> scheduler.sigmas
-    tensor([10., 7., 4., 1.])
+    >>> [round(sigma, 4) for sigma in scheduler.sigmas.tolist()]
+    [10.0, 7.0, 4.0, 1.0]
+
     ```
     """
 

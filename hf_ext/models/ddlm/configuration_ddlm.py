@@ -66,6 +66,7 @@ class DDLMConfig(PreTrainedConfig):
     >>> model = DDLMModel(config)
     >>> model.config.sigma_max
     10.0
+
     ```
     """
 

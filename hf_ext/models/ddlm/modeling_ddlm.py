@@ -261,6 +261,7 @@ class DDLMModel(DDLMPreTrainedModel):
     >>> out = model(input_ids, labels=input_ids)
     >>> out.logits.shape, out.loss.ndim
     (torch.Size([2, 8, 100]), 0)
+
     ```
     """
 
