@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     if not args.compare:
         out = sample(args.early_exit)
-        for text, steps in zip(out.texts, out.steps_used.tolist()):
+        for text, steps in zip(out.texts, out.steps_used.tolist(), strict=True):
             print(f"[{steps:4d} steps] {text}")
         return 0
     full = sample(None)

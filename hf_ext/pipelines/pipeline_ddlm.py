@@ -107,7 +107,7 @@ class DDLMPipeline(DiffusionPipeline):
         """Token ids of each prompt, without special tokens; ValueError when one leaves nothing to generate."""
         prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else prompt
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] if p else [] for p in prompts]
-        for text, ids in zip(prompts, encoded):
+        for text, ids in zip(prompts, encoded, strict=True):
             if len(ids) >= length:
                 raise ValueError(
                     f"`prompt` {text!r} is {len(ids)} tokens, which leaves nothing to generate in `length`={length}; "
