@@ -122,8 +122,8 @@ def main(argv=None) -> None:
         scores = []
         for kernel in args.kernels:
             per_lr = [
-                sum(r["accuracy"] for r in results if (r["kernel"], r["seq_len"], r["width"], r["lr"]) == (kernel, seq_len, width, lr))
-                / len(args.seeds)
+                sum(r["accuracy"] for r in results if r["kernel"] == kernel and r["seq_len"] == seq_len
+                    and r["width"] == width and r["lr"] == lr) / len(args.seeds)
                 for lr in args.lrs
             ]
             scores.append(max(per_lr))

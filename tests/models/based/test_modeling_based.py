@@ -279,3 +279,28 @@ def test_dpo_trainer_accepts_the_model(tmp_path):
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("feature_map", KERNELS)
+def test_cuda_matches_cpu_in_float32_and_bfloat16(feature_map):
+    q, k, v = torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 32)
+    expected = linear_attention_parallel(q, k, v, feature_map)
+    chunked, _ = linear_attention_chunked(*(x.cuda() for x in (q, k, v)), feature_map, chunk_size=64)
+    assert (chunked.cpu() - expected).abs().max() <= 1e-4
+    # bf16 inputs: computed in float32 inside, so only the output's bf16 rounding (2^-8 relative) remains
+    q16, k16, v16 = (x.bfloat16() for x in (q, k, v))
+    low, _ = linear_attention_chunked(q16.cuda(), k16.cuda(), v16.cuda(), feature_map, chunk_size=64)
+    expected_low = linear_attention_parallel(q16.float(), k16.float(), v16.float(), feature_map)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float().cpu(), expected_low, rtol=2**-7, atol=1e-3)
+    model = tiny_model(feature_map=feature_map, sliding=True)
+    ids = torch.randint(1, 63, (2, 9))
+    cpu_tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    cuda_tokens = model.cuda().generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cuda_tokens.cpu(), cpu_tokens)
