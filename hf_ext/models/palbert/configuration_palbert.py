@@ -47,6 +47,7 @@ class PalbertConfig(AlbertConfig):
     >>> config = PalbertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, exit_threshold=0.7)
     >>> config.model_type, config.exit_threshold, config.lambda_head
     ('palbert', 0.7, 'revisited')
+
     ```
     """
 
