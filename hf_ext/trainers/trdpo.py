@@ -34,6 +34,7 @@ from trl import DPOConfig, DPOTrainer
 
 REFERENCE_FILE = "trdpo_reference.safetensors"
 REF_ADAPTER = "ref"  # the adapter name TRL's DPOTrainer uses for the reference in its loss
+_GROUP_NUMEL = 2**25  # bounds the temporary θ − θ_ref of one update group to 128 MB of fp32
 
 
 @dataclass
@@ -165,12 +166,21 @@ def low_rank_distance_sq(
     return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
 
 
-def _mix_(target: torch.Tensor, policy: torch.Tensor, alpha: float) -> None:
-    """target ← (1 − α)·target + α·policy, in place, in TRL's operation order (so fp32 results match it bit for bit)."""
+def mix_group_(targets: list[torch.Tensor], policies: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """θ_ref ← θ_ref + α·(θ − θ_ref) in place for a group of fp32 tensors; returns Σ‖θ − θ_ref‖² from before.
+
+    The difference is computed once and serves both the logged distance and the update, so the soft
+    update with its distance costs about what TRL's ``(1 − α)·θ_ref + α·θ`` costs without one (the two
+    forms agree up to fp32 rounding). α = 1 (the hard update) copies exactly. ``torch._foreach_*`` are
+    torch.optim's multi-tensor ops: one dispatch per group, not per parameter.
+    """
+    diffs = torch._foreach_sub(policies, targets)
+    distance_sq = torch.stack(torch._foreach_norm(diffs)).square().sum()
     if alpha == 1.0:
-        target.copy_(policy)
+        torch._foreach_copy_(targets, policies)
     else:
-        target.mul_(1.0 - alpha).add_(policy, alpha=alpha)
+        torch._foreach_add_(targets, diffs, alpha=alpha)
+    return distance_sq
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,21 +276,36 @@ class _FullReference:
             self.master[name] = ref.detach().to(device="cpu" if zero3 else ref.device, dtype=torch.float32, copy=True)
         return self.master[name]
 
+    def _groups(self, zero3: bool):
+        """Consecutive pairs on one device, at most `_GROUP_NUMEL` elements each; single pairs under ZeRO-3."""
+        group, numel = [], 0
+        for pair in self.pairs:
+            if group and (zero3 or numel + pair[1].numel() > _GROUP_NUMEL or pair[1].device != group[0][1].device):
+                yield group
+                group, numel = [], 0
+            group.append(pair)
+            numel += pair[1].numel()
+        if group:
+            yield group
+
     @torch.no_grad()
     def update(self, alpha: float) -> dict[str, float]:
         zero3 = _is_zero3()
         distance_sq = _SumOfSquares()
-        for name, param, ref in self.pairs:
-            with _gathered([param, ref], zero3):
+        for group in self._groups(zero3):
+            with _gathered([t for _, param, ref in group for t in (param, ref)], zero3):
                 if not _is_writer(zero3):
                     continue
-                master = self._master(name, ref.data, zero3)
-                target = ref.data if master is None else master
-                policy = param.data.to(device=target.device, dtype=torch.float32)
-                distance_sq.add((policy - target).square().sum())
-                _mix_(target, policy, alpha)
-                if master is not None:
-                    ref.data.copy_(master)  # round the fp32 result into the stored dtype
+                masters = [self._master(name, ref.data, zero3) for name, _, ref in group]
+                targets = [ref.data if m is None else m for (_, _, ref), m in zip(group, masters, strict=True)]
+                policies = [
+                    param.data.to(device=t.device, dtype=torch.float32)
+                    for (_, param, _), t in zip(group, targets, strict=True)
+                ]
+                distance_sq.add(mix_group_(targets, policies, alpha))
+                for (_, _, ref), master in zip(group, masters, strict=True):
+                    if master is not None:
+                        ref.data.copy_(master)  # round the fp32 result into the stored dtype
         return {"ref/distance": distance_sq.sqrt()}
 
     @torch.no_grad()
@@ -395,8 +420,7 @@ class _LoraReference:
                     continue
                 target = self.master.setdefault(name, ref.data.float().clone())
                 policy = param.data.to(device=target.device, dtype=torch.float32)
-                distance_sq.add((policy - target).square().sum())
-                _mix_(target, policy, alpha)
+                distance_sq.add(mix_group_([target], [policy], alpha))
                 ref.data.copy_(target)
         return {"ref/distance": distance_sq.sqrt(), "ref/truncation_error": worst_error}
 
@@ -577,4 +601,4 @@ class TRDPOTrainer(DPOTrainer):
             self.ref_callback.load(checkpoint)
 
 
-__all__ = ["TRDPOConfig", "TRDPOReferenceCallback", "TRDPOTrainer", "mix_low_rank", "pair_parameters"]
+__all__ = ["TRDPOConfig", "TRDPOReferenceCallback", "TRDPOTrainer", "mix_group_", "mix_low_rank", "pair_parameters"]

@@ -20,6 +20,7 @@ from hf_ext.trainers.trdpo import (
     TRDPOTrainer,
     _FullReference,
     low_rank_distance_sq,
+    mix_group_,
     mix_low_rank,
     pair_parameters,
 )
@@ -147,23 +148,51 @@ def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl):
     policy = tiny_gpt2()
     initial = _params(policy)
     trl_trainer = _trainer(
-        _config(tmp_path / "trl", cls=DPOConfig, max_steps=5, sync_ref_model=True, **trl),
+        _config(
+            tmp_path / "trl", cls=DPOConfig, max_steps=5, optim="sgd", learning_rate=0.5, sync_ref_model=True, **trl
+        ),
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(policy),
         cls=DPOTrainer,
     )
     trl_trainer.train()
-    our_trainer = _trainer(_config(tmp_path / "ours", max_steps=5, **ours), model=copy.deepcopy(policy))
+    our_trainer = _trainer(
+        _config(tmp_path / "ours", max_steps=5, optim="sgd", learning_rate=0.5, **ours), model=copy.deepcopy(policy)
+    )
     our_trainer.train()
 
     our_ref = _params(our_trainer.ref_model)
-    _assert_same(our_ref, _params(trl_trainer.ref_model))  # bit for bit
-    _assert_same(_params(our_trainer.model), _params(trl_trainer.model))
+    if ours["ref_update"] == "hard":  # both copy: bit for bit
+        _assert_same(our_ref, _params(trl_trainer.ref_model))
+        _assert_same(_params(our_trainer.model), _params(trl_trainer.model))
+    else:  # θ_ref + α(θ − θ_ref) vs TRL's (1 − α)θ_ref + αθ: equal up to fp32 rounding (SGD: Adam's
+        # normalisation would turn rounding-level gradient differences into lr-sized steps)
+        for first, second in (
+            (our_ref, _params(trl_trainer.ref_model)),
+            (_params(our_trainer.model), _params(trl_trainer.model)),
+        ):
+            assert first.keys() == second.keys()
+            for name in first:
+                torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6)
     assert not torch.equal(
         our_ref["transformer.h.0.attn.c_attn.weight"], initial["transformer.h.0.attn.c_attn.weight"]
     )
     distances = [log["ref/distance"] for log in our_trainer.state.log_history if "ref/distance" in log]
     assert len(distances) == (5 if ours["ref_update"] == "soft" else 2)  # one per update
+
+
+def test_mix_group_matches_trl_formula_to_fp32_rounding_and_copies_exactly():
+    torch.manual_seed(0)
+    targets, policies = [torch.randn(50, 7), torch.randn(13)], [torch.randn(50, 7), torch.randn(13)]
+    expected = [(1 - 0.3) * t + 0.3 * p for t, p in zip(targets, policies, strict=True)]
+    distance_sq = sum((p - t).square().sum() for t, p in zip(targets, policies, strict=True))
+    got = [t.clone() for t in targets]
+    assert mix_group_(got, policies, 0.3).item() == pytest.approx(distance_sq.item(), rel=1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    copied = [t.clone() for t in targets]
+    mix_group_(copied, policies, 1.0)
+    assert all(torch.equal(c, p) for c, p in zip(copied, policies, strict=True))
 
 
 def test_update_distance_and_formula_on_plain_modules():
