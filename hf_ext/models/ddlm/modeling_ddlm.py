@@ -81,7 +81,7 @@ def draw_conditioning_mask(
     positions = torch.arange(seq_len, device=device)  # (T,)
     kind = torch.rand(batch_size, device=device)  # (B,)
     # a prefix of length 1..T-1
-    prefix_len = torch.randint(1, max(seq_len, 2), (batch_size, 1), device=device)
+    prefix_len = torch.randint(1, max(seq_len, 2), (batch_size, 1), device=device).clamp(max=seq_len - 1)
     prefix = positions < prefix_len
     # one span of length 1..T//2 starting anywhere, cut at the end of the sequence
     span_len = torch.randint(1, max(seq_len // 2, 1) + 1, (batch_size, 1), device=device)
@@ -431,7 +431,7 @@ class DDLMModel(DDLMPreTrainedModel):
         has_scored = counts > 0
         sequence_ce = (token_ce.sum(-1) / counts.clamp(min=1)).detach()
         predicted = self.time_warp.predicted_loss(self.sigma_to_tau(sigma))
-        time_warp_loss = ((predicted - sequence_ce) ** 2)[has_scored].mean()
+        time_warp_loss = ((predicted - sequence_ce) ** 2 * has_scored).sum() / has_scored.sum().clamp(min=1)
         return ce + self.config.time_warp_loss_weight * time_warp_loss, time_warp_loss
 
 
