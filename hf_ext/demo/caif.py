@@ -119,7 +119,8 @@ def run(ctx: DemoContext) -> SectionResult:
     for alpha in ALPHAS:
         caif = CAIFLogitsProcessor(classifier, tokenizer, tokenizer, target_label=1, alpha=alpha, top_k=20)
         torch.manual_seed(ctx.seed)
-        out = lm.generate(**batch, logits_processor=LogitsProcessorList([caif]), do_sample=True, top_k=0,
+        # top_k=20 in generate too, so alpha=0 (scores untouched) samples from the same 20 tokens as CAIF does.
+        out = lm.generate(**batch, logits_processor=LogitsProcessorList([caif]), do_sample=True, top_k=20,
                           max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         rows.append({"alpha": alpha, "positive_rate": _positive_rate(texts),

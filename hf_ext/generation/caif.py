@@ -342,7 +342,10 @@ class CAIFLogitsProcessor(LogitsProcessor):
                     sequences.append([n])
             out, P, offsets = self._packed_forward(sequences, blocks, owners, past_lengths, keep_cache)
             # 2. The head at each block's last token, and each block's new keys/values.
-            where = torch.tensor([(r, offsets[n] + len(blocks[n]) - 1) for r, seq in enumerate(sequences) for n in seq])
+            where = torch.tensor(
+                [(r, offsets[n] + len(blocks[n]) - 1) for r, seq in enumerate(sequences) for n in seq],
+                device=self.classifier.device,
+            )
             hidden = out.last_hidden_state[where[:, 0], where[:, 1]]  # (N, hidden)
             logits.append(self.classifier.score(hidden).float())
             if keep_cache:
