@@ -182,7 +182,9 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, hidden_size: int) -> None:
         """Add the reparametrization of adapter `adapter_name`, on the device of the base layer's weights."""
         table = build_table(config, self.token_ids.embedding.weight, hidden_size)
-        self.aot_reparam[adapter_name] = table.to(next(self.base_layer.parameters()).device)
+        if not any(p.is_meta for p in table.parameters()):  # meta (low_cpu_mem_usage): the loaded weights land later
+            table = table.to(next(self.base_layer.parameters()).device)
+        self.aot_reparam[adapter_name] = table
         self.set_adapter(self.active_adapters)
 
     def train(self, mode: bool = True):

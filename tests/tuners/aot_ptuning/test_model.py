@@ -127,6 +127,23 @@ def test_matches_reference_and_collapsed(arch, reparametrization):
     torch.testing.assert_close(collapsed, out, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_backbone():
+    config = AoTPTuningConfig(task_type="CAUSAL_LM", fc_hidden_size=8)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), config)
+    randomize_adapter(model, "default", 0)
+    model.eval()
+    ids = random_ids()
+    with torch.no_grad():
+        reparametrized = model(input_ids=ids).logits
+        model.base_model.collapse()
+        collapsed = model(input_ids=ids).logits
+    layer = next(m for m in model.modules() if isinstance(m, AoTPTuningLayer))
+    assert layer.aot_collapsed["default"].dtype == torch.bfloat16
+    assert layer.aot_reparam["default"].in_weight.dtype == torch.float32  # trained in float32
+    assert collapsed.dtype == torch.bfloat16
+    torch.testing.assert_close(collapsed, reparametrized, rtol=0.05, atol=0.05)
+
+
 def test_collapsed_tables_dropped_in_training_mode():
     model = make_peft("roberta", "fc")
     model.base_model.collapse()
@@ -266,6 +283,9 @@ def test_save_load_round_trip(tmp_path, save_collapsed):
             if "aot_reparam" in key or "modules_to_save" in key:
                 assert torch.equal(value, own[key]), key
     assert torch.equal(got, expected)  # bit for bit
+    lazily_loaded = PeftModel.from_pretrained(tiny_roberta(), tmp_path, low_cpu_mem_usage=True).eval()
+    with torch.no_grad():
+        assert torch.equal(lazily_loaded(input_ids=ids).logits, expected)
 
 
 def test_reload_in_new_process_after_import_hf_ext(tmp_path):
