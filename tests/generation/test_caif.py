@@ -173,14 +173,30 @@ def test_attribute_log_prob_hand_values():
 # --- paths that must agree --------------------------------------------------------------------------------------------
 
 
-def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, lm, gpt2_cls):
-    kwargs = dict(classifier=gpt2_cls, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=0, alpha=3.0, top_k=20)
+def _tiny_llama_classifier(tokenizer, seed=3):
+    """A random 2-layer LlamaForSequenceClassification (rotary positions: the cache must carry them right)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), num_labels=2, pad_token_id=None, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, lm, gpt2_cls, architecture):
+    classifier = gpt2_cls if architecture == "gpt2" else _tiny_llama_classifier(tok)
+    kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=0, alpha=3.0, top_k=20)
     cached = CAIFLogitsProcessor(**kwargs)
     full = CAIFLogitsProcessor(**kwargs, use_cache=False)
     assert cached.use_prefix_cache and not full.use_prefix_cache
-    (a, b), _ = _greedy_steps(lm, tok, PROMPTS, [cached, full], steps=5)
-    for x, y in zip(a, b):
+    (a, b, r), _ = _greedy_steps(lm, tok, PROMPTS, [cached, full, _Reference(**kwargs)], steps=5)
+    for x, y, z in zip(a, b, r):
         _assert_same_scores(x, y)
+        _assert_same_scores(x, z)
     # The same processor object reused for new generations (other prompts, then a shorter batch) stays correct.
     for prompts in (["the game felt so", "our trip", "my day was"], ["the show"]):
         (a, b), _ = _greedy_steps(lm, tok, prompts, [cached, CAIFLogitsProcessor(**kwargs, use_cache=False)], steps=3)
