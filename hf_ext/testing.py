@@ -70,11 +70,16 @@ def _tiny_common(tokenizer=None) -> dict:
     )
 
 
+def _tiny_config(config_cls, sizes: dict, tokenizer, overrides: dict):
+    """``config_cls`` with the tiny ``sizes`` and the tokenizer's ids; ``overrides`` win over both."""
+    return config_cls(**{**sizes, **_tiny_common(tokenizer), **overrides})
+
+
 def tiny_gpt2(seed: int = 0, tokenizer=None, **overrides):
     """A random 2-layer GPT-2 (hidden 32, 4 heads) for causal LM tests."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **{**_tiny_common(tokenizer), **overrides})
+    config = _tiny_config(GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, n_positions=128), tokenizer, overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config).eval()
 
@@ -83,10 +88,9 @@ def tiny_llama(seed: int = 0, tokenizer=None, **overrides):
     """A random 2-layer Llama (hidden 32, 4 heads, 2 KV heads) for causal LM tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, **{**_tiny_common(tokenizer), **overrides},
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128)
+    config = _tiny_config(LlamaConfig, sizes, tokenizer, overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -95,10 +99,9 @@ def tiny_roberta(seed: int = 0, tokenizer=None, num_labels: int = 2, **overrides
     """A random 2-layer RoBERTa (hidden 32, 4 heads) with a sequence-classification head."""
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    config = RobertaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=130, num_labels=num_labels, **{**_tiny_common(tokenizer), **overrides},
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=130, num_labels=num_labels)
+    config = _tiny_config(RobertaConfig, sizes, tokenizer, overrides)
     torch.manual_seed(seed)
     return RobertaForSequenceClassification(config).eval()
 
@@ -107,10 +110,9 @@ def tiny_albert_config(tokenizer=None, **overrides):
     """A tiny ALBERT config (embedding 16, hidden 32, 4 heads, 4 shared-layer steps)."""
     from transformers import AlbertConfig
 
-    return AlbertConfig(
-        embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=128, **{**_tiny_common(tokenizer), **overrides},
-    )
+    sizes = dict(embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=128)
+    return _tiny_config(AlbertConfig, sizes, tokenizer, overrides)
 
 
 def tiny_albert(seed: int = 0, tokenizer=None, num_labels: int = 2, **overrides):

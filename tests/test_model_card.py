@@ -43,7 +43,7 @@ def test_save_model_card_round_trips(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["README.md"]  # no temporary file left
     loaded = ModelCard.load(path)
     assert loaded.data.base_model == "a/b"
-    assert "alpha: 1.5" in loaded.text and "`c/d`" in loaded.text
+    assert "--alpha 1.5" in loaded.text and "`c/d`" in loaded.text
 
 
 def test_unknown_template_is_a_value_error():

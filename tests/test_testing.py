@@ -63,6 +63,14 @@ def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
 
 
+@pytest.mark.parametrize(
+    ("builder", "field"), [(tiny_gpt2, "n_layer"), (tiny_llama, "num_hidden_layers"), (tiny_roberta, "num_hidden_layers"),
+                           (tiny_albert, "num_hidden_layers")]
+)
+def test_tiny_models_take_overrides_of_their_sizes(builder, field):
+    assert getattr(builder(**{field: 3}).config, field) == 3
+
+
 def test_hub_layout_loads_offline_by_repo_id(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
