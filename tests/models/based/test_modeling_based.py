@@ -148,7 +148,8 @@ def test_cached_logits_match_full_forward(feature_map, sliding):
 @pytest.mark.parametrize("feature_map", KERNELS)
 @pytest.mark.parametrize("sliding", [False, True])
 def test_cached_generation_equals_uncached_with_left_padding(feature_map, sliding):
-    model = tiny_model(feature_map=feature_map, sliding=sliding)
+    # without attention layers the model takes learned positions (the MQAR model): they come from `position_ids`
+    model = tiny_model(feature_map=feature_map, sliding=sliding, use_learned_positions=not sliding)
     ids = torch.randint(1, 63, (2, 9))
     mask = torch.ones_like(ids)
     ids[1, :4], mask[1, :4] = 0, 0  # row 1 is left-padded
@@ -160,6 +161,14 @@ def test_cached_generation_equals_uncached_with_left_padding(feature_map, slidin
     # the padded row generates what the same prompt generates alone
     alone = model.generate(ids[1:, 4:], attention_mask=mask[1:, 4:], max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(cached[1, 9:], alone[0, 5:])
+
+
+def test_continuing_without_positions_needs_position_ids_when_positions_are_learned():
+    model = tiny_model(use_learned_positions=True)
+    with torch.no_grad():
+        cache = model(torch.tensor([[3, 4, 5]]), use_cache=True).cache
+        with pytest.raises(ValueError, match="`position_ids` is required"):
+            model(torch.tensor([[6]]), cache=cache, use_cache=True)
 
 
 def _cache_bytes(cache):
