@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -85,14 +85,14 @@ class AoTPTuningConfig(PeftConfig):
         default=False,
         metadata={"help": "Save the collapsed |V| x d tables instead of the reparametrization weights."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Transformer layers to add a bias before (names or regex); found in the model if None."},
     )
-    vocab_size: Optional[int] = field(
+    vocab_size: int | None = field(
         default=None, metadata={"help": "Rows |V| of each table; taken from the model's input embedding if None."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules besides the AoT biases to train and save, e.g. the classification head."},
     )
@@ -113,7 +113,10 @@ class AoTPTuningConfig(PeftConfig):
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if self.save_collapsed and self.reparametrization == "none":
-            warnings.warn("`save_collapsed=True` has no effect with reparametrization='none': it saves tables anyway.")
+            warnings.warn(
+                "`save_collapsed=True` has no effect with reparametrization='none': it saves tables anyway.",
+                stacklevel=2,
+            )
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save the config; with `save_collapsed`, as the config of the raw tables that the weights file holds."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ class AoTTokenIds:
 
     def __init__(self, embedding: nn.Embedding):
         self.embedding = embedding
-        self.input_ids: Optional[torch.Tensor] = None
+        self.input_ids: torch.Tensor | None = None
         self.handles: list = []
 
     def install(self, model: nn.Module) -> None:
@@ -233,7 +232,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
                 bias[rows] = self.bias(adapter_name, token_ids[rows]).to(bias.dtype)
         return bias
 
-    def forward(self, hidden_states: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, *args, adapter_names: list[str] | None = None, **kwargs):
         if self.disable_adapters:
             return self.base_layer(hidden_states, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.aot_reparam]

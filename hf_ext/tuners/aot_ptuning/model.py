@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from functools import partial
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -149,7 +148,7 @@ class AoTPTuningModel(BaseTuner):
         target_name: str,
         parent: nn.Module,
         current_key: str,
-        parameter_name: Optional[str] = None,
+        parameter_name: str | None = None,
     ) -> None:
         hidden_size = self.model.config.hidden_size
         if isinstance(target, AoTPTuningLayer):
@@ -167,7 +166,7 @@ class AoTPTuningModel(BaseTuner):
     def _aot_layers(self) -> list[AoTPTuningLayer]:
         return [module for module in self.model.modules() if isinstance(module, AoTPTuningLayer)]
 
-    def collapse(self, adapter_names: Optional[list[str]] = None) -> None:
+    def collapse(self, adapter_names: list[str] | None = None) -> None:
         """Compute every layer's table ``P_l`` once for inference (all adapters if `adapter_names` is None).
 
         The model must be in eval mode (`model.eval()`): putting it back in training mode drops the tables.

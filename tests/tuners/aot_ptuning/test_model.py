@@ -98,7 +98,7 @@ def reference_forward(peft_model, base_model, input_ids, **kwargs):
             return (args[0] + table[input_ids],) + args[1:], kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + table[input_ids]}
 
-    handles = [bl.register_forward_pre_hook(partial(add_bias, t), with_kwargs=True) for bl, t in zip(base_layers, tables)]
+    handles = [bl.register_forward_pre_hook(partial(add_bias, t), with_kwargs=True) for bl, t in zip(base_layers, tables, strict=True)]
     for layer in layers:  # only the AoT layers: a trained head (modules_to_save) stays in use
         layer._disable_adapters = True
     try:
