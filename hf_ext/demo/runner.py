@@ -109,6 +109,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="hf_ext_demo_report", help="report folder (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed handed to every section (default: %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default: %(default)s; the tiny models run fastest on one, and it keeps a shared machine responsive)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,9 +127,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads < 1:
+        raise ValueError(f"`--threads` must be >= 1, got {args.threads}.")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    runs = run_sections(args.only, out_dir, seed=args.seed)
+    try:
+        runs = run_sections(args.only, out_dir, seed=args.seed)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process may go on (tests call this in-process)
     report = write_report(runs, out_dir)
     print()
     print(format_table(runs))
