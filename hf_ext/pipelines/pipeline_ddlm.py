@@ -80,6 +80,11 @@ class DDLMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(model=model, scheduler=scheduler, tokenizer=tokenizer)
 
+    @property
+    def num_timesteps(self) -> int:
+        """Number of Euler steps of the last call."""
+        return self._num_timesteps
+
     def check_inputs(self, num_samples, length, num_inference_steps, prompt, early_exit, callback_on_step_end_tensor_inputs):
         """Raise ValueError/TypeError on bad arguments, before any work."""
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -91,6 +96,14 @@ class DDLMPipeline(DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if early_exit is not None and early_exit not in HALTING_CRITERIA:
             raise ValueError(f"`early_exit` must be one of {HALTING_CRITERIA} or None, got {early_exit!r}.")
+        # the time warp maps u to tau in the model's noise range; another range would misplace every step
+        model_range = (self.model.config.sigma_min, self.model.config.sigma_max)
+        scheduler_range = (self.scheduler.config.sigma_min, self.scheduler.config.sigma_max)
+        if model_range != scheduler_range:
+            raise ValueError(
+                f"The scheduler's noise range (sigma_min, sigma_max)={scheduler_range} must equal the model's "
+                f"{model_range}, the range its time warp was fitted on; build the scheduler with the model's values."
+            )
         if prompt is not None:
             if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
                 raise TypeError(f"`prompt` must be a string, a list of strings or None, got {type(prompt).__name__}.")
@@ -167,14 +180,8 @@ class DDLMPipeline(DiffusionPipeline):
 
         # 2. prompt prefix: token ids and a conditioning mask (True = clean), num_samples rows per prompt
         device, dtype = self._execution_device, self.model.dtype
-        batch_size = len(prompt_ids) * num_samples
-        tokens = torch.full((batch_size, length), self.model.config.pad_token_id or 0, dtype=torch.long, device=device)
-        conditioning_mask = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
-        for row in range(batch_size):
-            ids = prompt_ids[row // num_samples]
-            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
-            conditioning_mask[row, : len(ids)] = True
-        prompt_tokens = tokens.clone()
+        prompt_tokens, conditioning_mask = self._prepare_prefix(prompt_ids, num_samples, length, device)
+        tokens, batch_size = prompt_tokens.clone(), prompt_tokens.shape[0]
         embeddings = self.model.embedding_matrix()  # (V, d)
         clean = embeddings[prompt_tokens]  # (B, L, d)
 
@@ -198,14 +205,9 @@ class DDLMPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 active = (~halted).nonzero().squeeze(1)  # (A,)
                 cond = conditioning_mask[active]
-                logits = self.model.denoise(
-                    latents[active], t.expand(len(active)), x0_hat[active] if i > 0 else None, cond
-                )  # (A, L, V)
-                x0_active = interpolate_embeddings(logits, embeddings)
-                # the prompt's x0 is its clean embedding, so dx/dsigma = 0 there and the prefix stays clean
-                step_target = torch.where(cond[..., None], clean[active], x0_active)
-                latents[active] = self.scheduler.step(step_target, t, latents[active]).prev_sample
-                x0_hat[active] = x0_active
+                logits, latents[active], x0_hat[active] = self._euler_step(
+                    t, latents[active], x0_hat[active] if i > 0 else None, cond, clean[active], embeddings
+                )  # logits (A, L, V)
                 tokens[active] = torch.where(cond, prompt_tokens[active], logits.argmax(-1))
                 steps_used[active] += 1
 
@@ -234,6 +236,28 @@ class DDLMPipeline(DiffusionPipeline):
         if not return_dict:
             return texts, tokens, steps_used
         return DDLMPipelineOutput(texts=texts, sequences=tokens, steps_used=steps_used)
+
+    def _prepare_prefix(self, prompt_ids, num_samples, length, device):
+        """`(B, L)` token ids (prompt, then padding) and `(B, L)` conditioning mask (True on the prompt)."""
+        batch_size = len(prompt_ids) * num_samples
+        tokens = torch.full((batch_size, length), self.model.config.pad_token_id or 0, dtype=torch.long, device=device)
+        conditioning_mask = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
+        for row in range(batch_size):
+            ids = prompt_ids[row // num_samples]
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+            conditioning_mask[row, : len(ids)] = True
+        return tokens, conditioning_mask
+
+    def _euler_step(self, t, latents, self_conditioning, conditioning_mask, clean, embeddings):
+        """Model call, score interpolation's x0_hat (CDCD) and one Euler step, for the active rows.
+
+        Returns `(logits (A, L, V), latents at the next sigma (A, L, d), x0_hat (A, L, d))`.
+        """
+        logits = self.model.denoise(latents, t.expand(len(latents)), self_conditioning, conditioning_mask)
+        x0_hat = interpolate_embeddings(logits, embeddings)
+        # the prompt's x0 is its clean embedding, so dx/dsigma = 0 there and the prefix stays clean
+        step_target = torch.where(conditioning_mask[..., None], clean, x0_hat)
+        return logits, self.scheduler.step(step_target, t, latents).prev_sample, x0_hat
 
     def _update_halting(self, criterion, step, logits, previous_logits, active, generation_mask, halted, streak):
         """DDLM's early exit: a sample halts once its criterion has held `halting_patience` checked steps in a row."""

@@ -49,6 +49,26 @@ def test_deterministic_given_a_generator(pipe):
     first, second, other = _run(pipe, seed=3), _run(pipe, seed=3), _run(pipe, seed=4)
     assert torch.equal(first.sequences, second.sequences) and first.texts == second.texts
     assert not torch.equal(first.sequences, other.sequences)
+    texts, sequences, steps_used = _run(pipe, seed=3, return_dict=False)
+    assert texts == first.texts and torch.equal(sequences, first.sequences) and torch.equal(steps_used, first.steps_used)
+
+
+def test_full_run_matches_a_plain_euler_loop(pipe):
+    """CDCD's sampler written out: warp-placed sigmas, x ~ N(0, sigma_max^2), self-conditioning, Euler steps."""
+    final = []
+    out = _run(pipe, num_samples=2, callback_on_step_end=lambda p, i, t, kw: final.append(kw["latents"].clone()) or {})
+    model, E = pipe.model, pipe.model.embedding_matrix()
+    sigmas = 1.0 + 9.0 * model.time_warp.inverse_cdf(torch.linspace(1, 0, STEPS + 1))
+    sigmas[0], sigmas[-1] = 10.0, 1.0
+    x = torch.randn(2, LENGTH, 8, generator=torch.Generator().manual_seed(0)) * 10.0
+    x0 = None
+    with torch.no_grad():
+        for i in range(STEPS):
+            logits = model.denoise(x, sigmas[i].expand(2), x0)
+            x0 = logits.softmax(-1) @ E
+            x = x + (sigmas[i + 1] - sigmas[i]) * ((x - x0) / sigmas[i])
+    torch.testing.assert_close(final[-1], x)
+    assert torch.equal(out.sequences, logits.argmax(-1))
 
 
 def test_time_warp_places_the_steps(pipe):
@@ -151,3 +171,11 @@ def test_save_load_round_trip_with_tokenizer(pipe, tmp_path):
 def test_bad_input_raises_value_error(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _run(pipe, **kwargs)
+
+
+def test_bad_prompt_type_and_mismatched_noise_range(pipe):
+    with pytest.raises(TypeError, match="prompt"):
+        _run(pipe, prompt=3)
+    pipe.scheduler = DDLMScheduler(sigma_max=20.0)  # the model's time warp was fitted on [1, 10]
+    with pytest.raises(ValueError, match=r"noise range.*\(1\.0, 20\.0\).*\(1\.0, 10\.0\)"):
+        _run(pipe)
