@@ -18,6 +18,11 @@ are CDCD's unless marked otherwise; CDCD's parts are cited by name (its section 
 - Conditioning: positions under a conditioning mask (a prompt prefix or clean spans) hold
   their clean embeddings and are excluded from the loss.
 
+Choices of ours, where neither paper was checked or where we simplify (a checkpoint trained elsewhere will not
+load into these modules): positions are learned absolute embeddings (CDCD uses rotary ones); the noise level
+enters once, as an embedding added to the input (not per block); a learned two-entry embedding marks the clean
+positions; the default noise range [1, 10] is DDLM's lower range as reported by a third party (CDCD: [1, 300]).
+
 This file imports only torch, transformers and its own folder, so a saved model loads as remote code.
 """
 
