@@ -61,8 +61,15 @@ class PalbertConfig(AlbertConfig):
     inference_mode: str = "q_exit"
 
     def __post_init__(self, **kwargs):
-        # Checked here rather than in a `validate_*` method so that the error stays a plain ValueError
-        # (strict wraps validator errors in its own exception type); this runs on load as well.
+        # `@strict` runs `validate_*` methods too, but wraps their errors in StrictDataclassClassValidationError,
+        # which is not a ValueError; calling the check here first keeps construction and loading (`from_dict`
+        # builds the config through `__init__`) on a plain ValueError naming the field.
+        self.validate_pondering()
+        super().__post_init__(**kwargs)
+
+    def validate_pondering(self):
+        """Check the pondering fields. Also run by `@strict` on `save_pretrained`, so a config edited after
+        construction (`config.exit_threshold = 1.5`) is not saved."""
         for name in ("exit_threshold", "prior_lambda"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
@@ -75,7 +82,6 @@ class PalbertConfig(AlbertConfig):
             raise ValueError(f"`lambda_head_layers` must be >= 0, got {self.lambda_head_layers}.")
         if self.inference_mode not in INFERENCE_MODES:
             raise ValueError(f"`inference_mode` must be one of {INFERENCE_MODES}, got {self.inference_mode!r}.")
-        super().__post_init__(**kwargs)
 
 
 __all__ = ["PalbertConfig"]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
 
@@ -40,6 +41,14 @@ def test_bad_value_in_a_saved_config_is_rejected_on_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="`exit_threshold` must be in the open interval"):
         PalbertConfig.from_pretrained(tmp_path)
+
+
+def test_bad_value_set_after_construction_is_not_saved(tmp_path):
+    config = PalbertConfig(**TINY)
+    config.prior_lambda = 1.0
+    with pytest.raises(StrictDataclassClassValidationError, match="`prior_lambda` must be in the open interval"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_unknown_mode_in_forward_raises_before_any_work():
