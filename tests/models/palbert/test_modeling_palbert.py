@@ -13,6 +13,7 @@ from transformers import (
 
 from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
 from hf_ext.models.palbert.modeling_palbert import (
+    PalbertLambdaHead,
     exit_distribution,
     kl_to_prior,
     q_exit_step,
@@ -122,6 +123,30 @@ def test_q_exit_step_hand_computed():
     assert q_exit_step(p, 0.25).tolist() == [1, 1, 3, 2]
 
 
+def test_lambda_heads_hand_computed():
+    torch.manual_seed(0)
+    pooled, previous = torch.randn(3, 32), torch.randn(3, 32)
+    # Revisited (PALBERT): Lambda([pooled_t; pooled_{t-1}]), 3 x (Linear(2H, 2H) + Tanh) then Linear(2H, 1).
+    head = PalbertLambdaHead(_tiny_config(lambda_head_layers=3)).eval()
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(64, 64)] * 3 + [(1, 64)]
+    x = torch.cat([pooled, previous], dim=-1)
+    for linear in linears[:-1]:
+        x = torch.tanh(x @ linear.weight.T + linear.bias)
+    torch.testing.assert_close(head(pooled, previous), (x @ linears[-1].weight.T + linears[-1].bias)[:, 0])
+    # With no hidden blocks the order of the halves is visible: +1 on pooled_t, -1 on pooled_{t-1}.
+    head = PalbertLambdaHead(_tiny_config(lambda_head_layers=0)).eval()
+    torch.nn.init.constant_(head.out.bias, 0.5)
+    head.out.weight.data = torch.cat([torch.ones(1, 32), -torch.ones(1, 32)], dim=-1)
+    torch.testing.assert_close(head(pooled, previous), pooled.sum(-1) - previous.sum(-1) + 0.5)
+    # Linear (PonderNet): w^T pooled_t + b; the previous state is not read.
+    head = PalbertLambdaHead(_tiny_config(lambda_head="linear")).eval()
+    assert [tuple(m.weight.shape) for m in head.modules() if isinstance(m, torch.nn.Linear)] == [(1, 32)]
+    expected = pooled @ head.out.weight[0] + head.out.bias
+    torch.testing.assert_close(head(pooled, previous), expected)
+    torch.testing.assert_close(head(pooled, torch.zeros_like(previous)), expected)
+
+
 # --- the model against the plain reference ---------------------------------------------------------
 
 
@@ -151,9 +176,11 @@ def test_loss_and_modes_match_plain_reference():
     torch.testing.assert_close(expectation.logits, mixture, atol=1e-5, rtol=1e-5)
 
 
-def test_full_mode_equals_albert_for_sequence_classification():
-    model = _tiny_palbert(hidden_dropout_prob=0.0)
-    albert = AlbertForSequenceClassification(_tiny_albert_config(initializer_range=0.5)).eval()
+@pytest.mark.parametrize("groups", [{}, {"num_hidden_groups": 2, "inner_group_num": 2}])
+def test_full_mode_equals_albert_for_sequence_classification(groups):
+    # Two groups of two layers: steps 1-3 use group 0 and steps 4-6 group 1, as in ALBERT's encoder loop.
+    model = _tiny_palbert(hidden_dropout_prob=0.0, **groups)
+    albert = AlbertForSequenceClassification(_tiny_albert_config(initializer_range=0.5, **groups)).eval()
     missing, unexpected = albert.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(key.startswith("lambda_head.") for key in unexpected)
     input_ids, attention_mask, _ = _batch()
@@ -253,10 +280,18 @@ def test_regression():
     torch.testing.assert_close(early.logits, step_logits[rows, early.exit_step - 1], atol=1e-5, rtol=1e-5)
 
 
-def test_float_labels_for_classification_raise():
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"labels": torch.tensor([0.0, 1.0])}, "`labels` must be class indices"),
+        ({"labels": torch.tensor([0, 1, 1])}, r"`labels` must hold one value per example \(2\), got shape \(3,\)"),
+        ({"inputs_embeds": torch.zeros(2, 4, 16)}, "exactly one of `input_ids` and `inputs_embeds`"),
+    ],
+)
+def test_bad_forward_inputs_raise(kwargs, message):
     model = _tiny_palbert()
-    with pytest.raises(ValueError, match="`labels` must be class indices"):
-        model(torch.ones(2, 4, dtype=torch.long), labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=message):
+        model(torch.ones(2, 4, dtype=torch.long), **kwargs)
 
 
 # --- saving, loading, remote code ----------------------------------------------------------------
