@@ -114,13 +114,14 @@ def main():
     parser.add_argument("--noise", type=float, default=1.1, help="per-layer drift of the planted features (see synthetic.planted_chain)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--skip-exact", action="store_true", help="sparse only (e.g. to rerun it alone)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, numpy {np.__version__}")
 
-    rows = run_pair(args.n_features, args.d_model, args.noise, args.k, args.seed, not args.skip_baseline, True)
+    rows = run_pair(args.n_features, args.d_model, args.noise, args.k, args.seed, not args.skip_baseline, not args.skip_exact)
     table = [("pair", args.n_features, *row) for row in rows]
     if args.wide_features:
         wide = run_pair(args.wide_features, args.d_model, args.noise, args.k, args.seed, False, False)
@@ -130,6 +131,8 @@ def main():
     for kind, n, name, seconds, cpu, gib in table:
         print(f"| {kind} | {n} | {name} | {seconds:.1f} | {cpu:.1f} | {gib:.2f} |")
     by_name = {name: (seconds, cpu, gib) for kind, n, name, seconds, cpu, gib in table if kind == "pair"}
+    if "match(method='exact')" not in by_name:
+        return
     exact = by_name["match(method='exact')"]
     sparse = next(v for name, v in by_name.items() if name.startswith("match(method='sparse'"))
 

@@ -188,22 +188,25 @@ def topk_candidates(
     half_a_sq, half_b_sq = _squared_norms(a) / 2, _squared_norms(b) / 2
     row_idx = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
     row_dot = torch.empty(n_a, k_row, device=a.device)
-    col_val = torch.full((k_col, n_b), -torch.inf, device=a.device)
-    col_idx = torch.zeros(k_col, n_b, dtype=torch.long, device=a.device)
+    col_val = torch.full((n_b, k_col), -torch.inf, device=a.device)  # running best rows of each column
+    col_idx = torch.zeros(n_b, k_col, dtype=torch.long, device=a.device)
     step = _block_rows(n_b, block_bytes)
     for start in range(0, n_a, step):
         stop = min(start + step, n_a)
-        dots = a[start:stop] @ b.T  # [rows, n_b]
-        idx = (dots - half_b_sq[None, :]).topk(k_row, dim=1).indices
-        row_idx[start:stop], row_dot[start:stop] = idx, dots.gather(1, idx)
-        # merge this block's nearest rows per column with the running nearest
-        val, idx = (dots - half_a_sq[start:stop, None]).topk(min(k_col, stop - start), dim=0)
-        merged_val, merged_idx = torch.cat([col_val, val]), torch.cat([col_idx, idx + start])
-        keep = merged_val.topk(k_col, dim=0).indices
-        col_val, col_idx = merged_val.gather(0, keep), merged_idx.gather(0, keep)
+        scores = (a[start:stop] @ b.T).sub_(half_b_sq[None, :])  # [rows, n_b]: <a_i, b_j> - |b_j|^2 / 2
+        val, idx = scores.topk(k_row, dim=1)
+        row_idx[start:stop], row_dot[start:stop] = idx, val + half_b_sq[idx]
+        # per column: <a_i, b_j> - |a_i|^2 / 2, ranked along contiguous rows of the transposed block
+        # (a top-k down the columns of a row-major block is several times slower)
+        scores = scores.add_(half_b_sq[None, :]).sub_(half_a_sq[start:stop, None]).T.contiguous()  # [n_b, rows]
+        val, idx = scores.topk(min(k_col, stop - start), dim=1)
+        merged_val, merged_idx = torch.cat([col_val, val], dim=1), torch.cat([col_idx, idx + start], dim=1)
+        keep = merged_val.topk(k_col, dim=1).indices
+        col_val, col_idx = merged_val.gather(1, keep), merged_idx.gather(1, keep)
+        del scores
     col_dot = col_val + half_a_sq[col_idx]
     rows = torch.cat([torch.arange(n_a, device=a.device).repeat_interleave(k_row), col_idx.flatten()])
-    cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=a.device).repeat(k_col)])
+    cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=a.device).repeat_interleave(k_col)])
     keys, inverse = torch.unique(rows * n_b + cols, return_inverse=True)  # sorted, duplicates removed
     dots = torch.empty(keys.numel(), device=a.device).scatter_(0, inverse, torch.cat([row_dot.flatten(), col_dot.flatten()]))
     return keys // n_b, keys % n_b, dots
