@@ -444,7 +444,8 @@ class CAIFLogitsProcessor(LogitsProcessor):
             if self.use_prefix_cache:
                 for s in row_sequences:  # reuse the cached prefix up to the first differing token, keep >= 1 new token
                     owners.append(self._row_caches[row])
-                    lengths.append(min(_common_prefix_length(prefix_ids[i], s), len(s) - 1))
+                    shared = len(prefix_ids[i]) if self.same_tokenizer else _common_prefix_length(prefix_ids[i], s)
+                    lengths.append(min(shared, len(s) - 1))
         log_probs = torch.zeros(len(sequences))
         scored = [n for n, s in enumerate(sequences) if s]  # an empty text has nothing to judge: no re-weighting
         if not scored:
