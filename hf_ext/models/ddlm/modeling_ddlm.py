@@ -136,7 +136,7 @@ class DDLMTimeWarp(nn.Module):
     def inverse_cdf(self, u: torch.Tensor) -> torch.Tensor:
         """F^-1(u) in tau units: the piece holding u, then linear interpolation inside it."""
         knots = self.knots().detach()
-        u = u.float().clamp(0, 1)
+        u = u.float().clamp(0, 1).to(knots.device)  # the scheduler passes CPU u to a warp that may sit on a GPU
         index = (torch.searchsorted(knots, u, right=True) - 1).clamp(0, self.num_bins - 1)
         frac = (u - knots[index]) / (knots[index + 1] - knots[index])
         return ((index + frac) / self.num_bins).clamp(0, 1)
