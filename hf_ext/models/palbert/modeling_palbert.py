@@ -68,7 +68,11 @@ def kl_to_prior(exit_probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     Returns:
         `(B,)` divergences.
     """
-    return (torch.special.xlogy(exit_probs, exit_probs) - exit_probs * prior.log()).sum(-1)
+    # p_t log p_t is 0 at p_t = 0, but xlogy's gradient there is 0/0 = NaN; p_t is exactly 0 as soon as one
+    # lambda_j rounds to 1 (a logit above ~17 in float32, far less in half precision). Clamping the log's
+    # argument leaves the value unchanged (to 1e-36) and the gradient at p_t = 0 at 0.
+    log_argument = exit_probs.clamp_min(torch.finfo(exit_probs.dtype).tiny)
+    return (torch.special.xlogy(exit_probs, log_argument) - exit_probs * prior.log()).sum(-1)
 
 
 def q_exit_step(exit_probs: torch.Tensor, threshold: float) -> torch.Tensor:

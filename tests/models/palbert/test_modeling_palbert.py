@@ -117,6 +117,25 @@ def test_truncated_geometric_prior_and_kl_against_plain_reference():
     assert abs(kl[1].item() - reverse) > 0.01
 
 
+def test_saturated_exit_head_gives_finite_gradients():
+    # In float32 sigmoid(30) is exactly 1, so the later p_t are exactly 0 (p log p at 0 must not give 0/0);
+    # in float64 it is not, which gives the reference gradient.
+    logits32 = torch.tensor([[0.0, 30.0, 0.3], [1.0, -2.0, 30.0]], requires_grad=True)
+    logits64 = logits32.detach().double().requires_grad_()
+    for logits in (logits32, logits64):
+        p = exit_distribution(torch.sigmoid(logits))
+        kl_to_prior(p, truncated_geometric_prior(0.1, 4, dtype=p.dtype)).sum().backward()
+    assert (exit_distribution(torch.sigmoid(logits32)) == 0).sum() == 3
+    torch.testing.assert_close(logits32.grad, logits64.grad.float(), atol=1e-6, rtol=1e-4)
+
+    model = _tiny_palbert()
+    torch.nn.init.constant_(model.lambda_head.out.bias, 50.0)  # every lambda_t = 1: p = (1, 0, ..., 0)
+    input_ids, attention_mask, _ = _batch(batch_size=4)
+    model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.classifier.weight.grad.abs().sum() > 0
+
+
 def test_q_exit_step_hand_computed():
     p = torch.tensor([[0.6, 0.2, 0.1, 0.1], [0.3, 0.2, 0.4, 0.1], [0.1, 0.1, 0.1, 0.7], [0.2, 0.3, 0.25, 0.25]])
     assert q_exit_step(p, 0.5).tolist() == [1, 3, 4, 3]  # 0.2 + 0.3 = 0.5 does not exceed q
@@ -379,7 +398,19 @@ def test_trainer_step_changes_parameters(tmp_path):
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True,
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
     )
-    Trainer(model=model, args=args, train_dataset=data).train()
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     assert "lambda_head.out.weight" in changed and "classifier.weight" in changed
     assert "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
+
+    # Evaluation gathers the extra outputs: exit steps by the Q-exit rule and the exit distribution.
+    prediction = trainer.predict(data)
+    logits, exit_step, exit_probs = (torch.as_tensor(x) for x in prediction.predictions)
+    assert logits.shape == (8, 2) and exit_probs.shape == (8, NUM_STEPS)
+    torch.testing.assert_close(exit_probs.sum(-1), torch.ones(8))
+    assert exit_step.tolist() == q_exit_step(exit_probs, model.config.exit_threshold).tolist()
+    with torch.no_grad():
+        expected = model.eval()(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1] * 4))
+    torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=1e-5)
+    assert prediction.metrics["test_loss"] == pytest.approx(expected.loss.item(), rel=1e-4)
