@@ -29,6 +29,12 @@ after 4-6 of 100 steps with 24% of tokens as in the full run (start 0.25: 31-37 
 60-80 steps, 81-89%). `"entropy"` is not fooled (the entropy is near its maximum on the plateau) and gave the
 same 94 steps at every start. The guard caps the saving at `1 - halting_start_fraction` of the steps (50% by
 default, above the 10-40% the paper reports); set it to 0 for the criteria exactly as stated above.
+
+The default thresholds are guesses for a trained model, and the change-based ones depend on the step count:
+on a smooth trajectory the KL between consecutive predictions shrinks roughly as 1/N^2 and the share of
+switching tokens as 1/N, so calibrate them at the `num_inference_steps` you sample with (the demo reads them off
+the last 10% of a full run; with the defaults, the tiny model of `examples/ddlm_train.py --tiny` halts with
+"kl" as soon as the guard allows).
 """
 
 from collections.abc import Callable
