@@ -19,9 +19,8 @@ class AoTPTuningConfig(PeftConfig):
 
     AoT P-Tuning adds, before every Transformer layer l (the first one included), an input-dependent bias to
     the hidden state of each position t: ``H_l[t] <- H_l[t] + P_l[x_t]``, where ``x_t`` is the token id at t and
-    ``P_l`` is a ``|V| x d`` table (paper §3). The sequence does not grow, so inference costs one row gather and
-    one add per layer once the tables are computed ("collapsed"). During training ``P_l`` comes from a
-    reparametrization (paper §3.1):
+    ``P_l`` is a ``|V| x d`` table. The sequence does not grow, so inference costs one row gather and one add per
+    layer once the tables are computed ("collapsed"). During training ``P_l`` comes from a reparametrization:
 
     - ``"fc"``: ``P_l = f(E W1_l + b1_l) W2_l + b2_l`` over the frozen input embedding matrix ``E`` (|V| x d_emb),
       with ``f`` = ReLU and ``W1_l`` of shape ``d_emb x fc_hidden_size``;
@@ -29,10 +28,19 @@ class AoTPTuningConfig(PeftConfig):
       ``WR_l`` (r² x d) and ``r = kronecker_rank``; the rows past |V| are never used;
     - ``"none"``: ``P_l`` is trained as a raw table.
 
-    Choices made here that the paper text available to us does not confirm (NOT VERIFIED, see PAPERS.md):
-    every layer has its own reparametrization weights; ``f`` is ReLU; the last factor of each reparametrization
-    (``W2_l, b2_l``, ``WR_l``, or the raw table) starts at zero so that the adapted model starts as the base
-    model; the default sizes below.
+    What the paper's text confirms (read: the abstract, §1 with the Figure 2 caption and the contribution list of
+    the ICLR 2023 submission, OpenReview 8IBtyLQ8GKw; arXiv 2305.10835 abstract): input-dependent biases are added
+    to the input sequence before evaluating each Transformer layer, without growing the sequence, so that tasks
+    can share one batch; the two reparametrizations are "a factorized matrix trained from scratch" (here
+    `"kronecker"`) and "the LM's embedding matrix passed through a trainable fully connected network" (`"fc"`);
+    results are in §4.2 (GLUE/SuperGLUE, RoBERTa-Base/Large, DeBERTa-XL) and inference speed in §4.3.
+
+    NOT VERIFIED (the method section (§3) and the hyper-parameter tables could not be read; see PAPERS.md): the
+    exact formulas above (the Kronecker factor shapes with ``a = b = ceil(sqrt(|V|))``, the FC biases ``b1, b2``
+    and ``f`` = ReLU); that every layer has its own reparametrization weights; that the first layer gets a bias
+    too; the initialisation (here the last factor of each reparametrization, ``W2_l, b2_l``, ``WR_l`` or the raw
+    table, starts at zero so that the adapted model starts as the base model); and the defaults below (256, 16),
+    which are ours, not the paper's.
 
     Args:
         reparametrization (`str`, defaults to `"fc"`):

@@ -1,4 +1,4 @@
-"""AoT P-Tuning layers: per-token biases added before a Transformer layer (arXiv 2305.10835, §3).
+"""AoT P-Tuning layers: per-token biases added before a Transformer layer (arXiv 2305.10835; abstract, Fig. 2).
 
 A wrapped layer l computes ``base_layer(H + P_l[x])``, with ``H`` the hidden states ``[B, T, d]`` that enter
 the layer and ``x`` the token ids ``[B, T]`` of the same positions. ``P_l`` is a ``|V| x d`` table produced by a
@@ -80,9 +80,11 @@ class AoTTokenIds:
 
 
 class AoTFCTable(nn.Module):
-    """FC reparametrization ``P = relu(E W1 + b1) W2 + b2`` over the frozen input embeddings ``E`` (paper §3.1).
+    """FC reparametrization ``P = relu(E W1 + b1) W2 + b2`` over the frozen input embeddings ``E``.
 
-    Our choices (NOT VERIFIED against the paper): ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted
+    The paper (§1, contributions) passes the LM's embedding matrix through a trainable fully connected network;
+    the formula's details are NOT VERIFIED (its §3 was not readable): the biases, ``f`` = ReLU, and the init.
+    Our choices: ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted
     model starts as the base model; ``W1`` starts from N(0, 1 / (d_emb · var(E))), so that the columns of ``E W1``
     have unit variance whatever the scale of the embeddings (``W2`` then gets useful gradients from the start).
     """
@@ -108,7 +110,9 @@ class AoTFCTable(nn.Module):
 
 
 class AoTKroneckerTable(nn.Module):
-    """Kronecker reparametrization ``P = (WL ⊗ WM) WR`` (paper §3.1).
+    """Kronecker reparametrization ``P = (WL ⊗ WM) WR``: the paper's "factorized matrix trained from scratch" (§1).
+
+    The factor shapes and the init below are NOT VERIFIED (the paper's §3 was not readable).
 
     ``WL`` and ``WM`` are ``a x r`` with ``a = ceil(sqrt(|V|))``, so ``WL ⊗ WM`` has ``a² >= |V|`` rows; row
     ``x = i a + j`` of it is the outer product ``WL[i] ⊗ WM[j]`` flattened, and rows past |V| are never used.
@@ -245,7 +249,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             bias = self.bias(active[0], token_ids)
             for name in active[1:]:
                 bias = bias + self.bias(name, token_ids)
-        # H_l <- H_l + P_l[x] (paper §3), then the layer itself
+        # H_l <- H_l + P_l[x] (the bias before the layer, paper Fig. 2), then the layer itself
         return self.base_layer(hidden_states + bias.to(hidden_states.dtype), *args, **kwargs)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
