@@ -83,7 +83,7 @@ def _route_by_adapter(wrapper: ModulesToSaveWrapper, adapter_names: list[str], h
 
 
 class AoTPTuningModel(BaseTuner):
-    """Adds AoT P-Tuning biases ``H_l <- H_l + P_l[x]`` before every Transformer layer of a model (paper §3).
+    """Adds AoT P-Tuning biases ``H_l <- H_l + P_l[x]`` before every Transformer layer of a model (paper Fig. 2).
 
     Built by `peft.get_peft_model(model, AoTPTuningConfig(...))` once `hf_ext` is imported. The token ids are
     taken from the model's input embedding (a forward pre-hook), so the model must be called with `input_ids`;
@@ -91,7 +91,8 @@ class AoTPTuningModel(BaseTuner):
 
     Several adapters can serve one batch: pass `adapter_names=[name_per_example]` (`"__base__"` for none) to
     the `PeftModel`'s forward or `generate`, as with LoRA. Heads trained through `modules_to_save` follow the
-    same per-example choice.
+    same per-example choice. Like PEFT's own mixed-batch hooks, this re-routes shared modules for the length of
+    the call (undone in a `finally`), so one model must not serve mixed-batch calls from several threads at once.
 
     For inference call `collapse()`: each layer then holds ``P_l`` as a table and costs one gather and one add.
     Tables are dropped again when the model is put in training mode. AoT biases depend on the token ids, so
@@ -205,20 +206,25 @@ class AoTPTuningModel(BaseTuner):
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         adapter_names = list(adapter_names)
         handles, routed_heads = [], []
-        for module in self.model.modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                module.forward = partial(_route_by_adapter, module, adapter_names)  # for this call only
-                routed_heads.append(module)
-            elif isinstance(module, (AoTPTuningLayer, AuxiliaryTrainingWrapper)):
-                hook = partial(_inject_adapter_names, adapter_names=adapter_names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
+            for module in self.model.modules():
+                if isinstance(module, ModulesToSaveWrapper):
+                    # For this call only. An instance-level `forward` already there (accelerate's device hooks
+                    # put one) is kept and put back, so `del` must not drop it.
+                    routed_heads.append((module, module.__dict__.get("forward")))
+                    module.forward = partial(_route_by_adapter, module, adapter_names)
+                elif isinstance(module, (AoTPTuningLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for module in routed_heads:
-                del module.forward
+            for module, previous_forward in routed_heads:
+                if previous_forward is None:
+                    del module.forward
+                else:
+                    module.forward = previous_forward
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

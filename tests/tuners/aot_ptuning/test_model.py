@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -78,7 +79,7 @@ def random_ids(batch=3, length=7, seed=0):
 
 
 def reference_table(reparam, embedding_weight):
-    """P_l [V, d] written out from the paper's formulas (§3.1), independently of the module code."""
+    """P_l [V, d] written out from the working formulas (see the config docstring), independently of the module code."""
     if isinstance(reparam, AoTFCTable):
         return torch.relu(embedding_weight @ reparam.in_weight + reparam.in_bias) @ reparam.out_weight + reparam.out_bias
     if isinstance(reparam, AoTKroneckerTable):
@@ -223,6 +224,34 @@ def test_mixed_batch_equals_each_example_alone():
     alone = torch.cat(alone)
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
+
+
+def test_mixed_batch_head_routing_is_undone_after_errors_and_keeps_an_existing_forward():
+    model = make_peft("roberta", "fc")
+    head = next(m for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
+    ids = random_ids()
+    with pytest.raises(ValueError, match="one adapter per example"):
+        model(input_ids=ids, adapter_names=["default"] * 2)
+    assert "forward" not in head.__dict__  # the per-call routing was undone by the `finally`
+    calls = []
+
+    def instance_forward(*args, **kwargs):  # stands for an instance-level forward such as accelerate's hooks
+        calls.append(len(args[0]))
+        return type(head).forward(head, *args, **kwargs)
+
+    head.forward = instance_forward
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["default", "__base__", "default"]).logits
+        plain = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            disabled_mixed = model(input_ids=ids, adapter_names=["default"] * 3).logits
+    assert head.__dict__["forward"] is instance_forward  # put back, not deleted
+    # plain, disabled, disabled mixed (PEFT skips the routing when adapters are disabled); the mixed call was routed
+    assert calls == [3, 3, 3]
+    torch.testing.assert_close(mixed[[0, 2]], plain[[0, 2]])
+    torch.testing.assert_close(mixed[1], base[1])
+    torch.testing.assert_close(disabled_mixed, base)  # disable_adapter() wins over adapter_names, head included
 
 
 def test_mixed_batch_generate_and_collapsed_tables():
