@@ -69,6 +69,22 @@ def _strip_left_padding(ids: list[int], pad_token_id: int | None) -> list[int]:
     return ids[start:]
 
 
+def _cut_after_last_non_pad(ids: list[int], pad_token_id: int | None) -> list[int]:
+    """``ids`` up to the token a decoder's classification head reads.
+
+    ``...ForSequenceClassification`` heads over decoders (GPT-2, Llama, ...) read the last token that is not
+    ``config.pad_token_id`` (the first token when all are). A decoder's hidden state there depends only on the tokens
+    up to it, so cutting the sequence after it gives the same class logits read at its last token. It matters when a
+    candidate is the pad token, e.g. EOS for GPT-2 classifiers whose pad token is EOS.
+    """
+    if pad_token_id is None or not ids or ids[-1] != pad_token_id:
+        return ids
+    end = len(ids)
+    while end > 1 and ids[end - 1] == pad_token_id:
+        end -= 1
+    return ids[:end]
+
+
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -154,8 +170,9 @@ class CAIFLogitsProcessor(LogitsProcessor):
 
     For a causal classifier (a `score` head over a decoder, e.g. `GPT2ForSequenceClassification` or
     `LlamaForSequenceClassification`) each row's prefix keys/values are cached, so a step encodes only the
-    candidates' new tokens; its class logits are read at the last token of each sequence. The cache is checked
-    against each row's prefix at every call, so a new `generate()` call (or a changed batch) resets it.
+    candidates' new tokens; its class logits are read where its own head reads them (the last token that is not
+    `classifier.config.pad_token_id`). The cache is checked against each row's prefix at every call, so a new
+    `generate()` call, beam search reordering rows or a changed batch only re-encode what changed.
 
     The rule of the official demo, `[(ℓ - mean ℓ) + alpha·(c - mean c)] / T` sampled among its best 20, differs
     from this one by a per-row constant: use `generate(temperature=T, top_k=20)` to reproduce it.
@@ -276,6 +293,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
             classifier_tokenizer = copy.deepcopy(classifier_tokenizer)
             classifier_tokenizer.truncation_side = "left"
         self.classifier_tokenizer = classifier_tokenizer
+        self._classifier_pad_token_id = classifier.config.get_text_config().pad_token_id
         self._row_caches: list[_RowCache] = []
 
     # --- classifier inputs ------------------------------------------------------------------------------------------
@@ -440,6 +458,8 @@ class CAIFLogitsProcessor(LogitsProcessor):
             self._sync_prefix_caches(batch_size, rows, prefix_ids)
         for i, (row, prefix, cands) in enumerate(zip(rows, prefixes, candidates)):
             row_sequences = self._candidate_sequences(prefix, cands)
+            if self.is_causal_classifier:  # read where the classifier's own head reads (see _cut_after_last_non_pad)
+                row_sequences = [_cut_after_last_non_pad(s, self._classifier_pad_token_id) for s in row_sequences]
             sequences.extend(row_sequences)
             if self.use_prefix_cache:
                 for s in row_sequences:  # reuse the cached prefix up to the first differing token, keep >= 1 new token

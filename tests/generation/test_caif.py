@@ -204,6 +204,26 @@ def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, l
             _assert_same_scores(x, y)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_causal_classifier_reads_where_its_head_reads_with_eos_as_pad(tok, use_cache):
+    """GPT-2 classifiers set pad = EOS, and their head reads the last non-pad token: an EOS candidate is judged on
+    the prefix alone, as the classifier's own forward (the reference) judges it."""
+    classifier = _tiny_gpt2_classifier(tok, seed=4)
+    classifier.config.pad_token_id = tok.eos_token_id
+    kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=4.0, top_k=5)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    scores[:, tok.eos_token_id] = 10.0  # EOS is every row's first candidate
+    out = CAIFLogitsProcessor(**kwargs, use_cache=use_cache)(batch.input_ids, scores)
+    _assert_same_scores(out, caif_reference_scores(batch.input_ids, scores, **kwargs))
+    with torch.no_grad():  # by hand: EOS candidate's classifier term == the prefix's own class log-probability
+        for i, prompt in enumerate(PROMPTS):
+            prefix_logits = classifier(input_ids=tok([prompt], return_tensors="pt").input_ids).logits[0]
+            c = torch.log_softmax(prefix_logits, -1)[1]
+            expected = torch.log_softmax(scores[i], -1)[tok.eos_token_id] + 4.0 * c
+            torch.testing.assert_close(out[i, tok.eos_token_id], expected, atol=1e-5, rtol=0)
+
+
 def test_bridge_with_retokenizing_classifier_tokenizer(tok, lm):
     """LM: word-level tokenizer; classifier: cross-word BPE. Cached, full and reference agree."""
     bpe = _bpe_tokenizer()
