@@ -29,10 +29,13 @@ class AoTTokenIds:
 
     Args:
         embedding: the model's input embedding; its frozen weight is the matrix ``E`` of the FC reparametrization.
+        vocab_size: rows |V| of the AoT tables, the allowed ids. Not read from the embedding at each call, since
+            `resize_token_embeddings` grows the embedding in place while the tables keep their rows.
     """
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, vocab_size: int):
         self.embedding = embedding
+        self.vocab_size = vocab_size
         self.input_ids: torch.Tensor | None = None
         self.handles: list = []
 
@@ -52,7 +55,7 @@ class AoTTokenIds:
 
     def capture(self, module, args, kwargs) -> None:
         input_ids = args[0] if args else kwargs["input"]
-        vocab_size = self.embedding.num_embeddings
+        vocab_size = self.vocab_size
         # Checked here, once per forward, so that a bad id gives this message rather than a CUDA device assert.
         out_of_range = (input_ids < 0) | (input_ids >= vocab_size)
         if out_of_range.any():

@@ -138,7 +138,7 @@ class AoTPTuningModel(BaseTuner):
         if peft_config.target_modules is None:
             peft_config.target_modules = find_layers_pattern(model)
         if "_aot_token_ids" not in self.__dict__:
-            self._aot_token_ids = AoTTokenIds(embedding)
+            self._aot_token_ids = AoTTokenIds(embedding, peft_config.vocab_size)  # every adapter has this size
             self._aot_token_ids.install(model)
 
     def _create_and_replace(

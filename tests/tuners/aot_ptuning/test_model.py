@@ -382,6 +382,9 @@ def test_error_on_token_ids_outside_the_table():
         model(input_ids=torch.tensor([[3, 129]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(input_ids=torch.tensor([[-1, 3]]))
+    model.get_base_model().resize_token_embeddings(140, mean_resizing=False)  # grows the embedding in place; the tables keep 129 rows
+    with pytest.raises(ValueError, match=r"token id 135, outside the AoT P-Tuning tables of 129 rows"):
+        model(input_ids=torch.tensor([[3, 135]]))
 
 
 def test_error_on_vocab_size_mismatch_on_load(tmp_path):
