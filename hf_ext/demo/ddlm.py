@@ -128,16 +128,7 @@ def compare_early_exit(pipe, ar_model, num_samples: int, num_inference_steps: in
 
 @register_section("ddlm", title="DDLM: continuous diffusion LM that halts early")
 def run(ctx: DemoContext) -> SectionResult:
-    # a width-64 model is overhead-bound: one thread is faster than several on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(ctx: DemoContext) -> SectionResult:
+    # torch's thread count is the runner's `--threads` (default 1, fastest for these width-64 models)
     import matplotlib
 
     matplotlib.use("Agg")
