@@ -165,6 +165,11 @@ def build_table(config, embedding_weight: torch.Tensor, hidden_size: int) -> nn.
     return AoTRawTable(vocab_size, hidden_size)
 
 
+def _weights_state(module: nn.Module) -> tuple:
+    """Storage and in-place version counter of each parameter: changes whenever a weight is updated or replaced."""
+    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+
+
 class AoTPTuningLayer(nn.Module, BaseTunerLayer):
     """A Transformer layer with AoT P-Tuning biases added to its input hidden states.
 
@@ -181,6 +186,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.aot_reparam = nn.ModuleDict()
         self.aot_collapsed = BufferDict(persistent=False)  # adapter -> P_l [V, d], filled by `collapse`
+        self._collapsed_from: dict[str, tuple] = {}  # adapter -> the reparametrization weights' states at `collapse`
         self.token_ids = token_ids
         self._disable_adapters = False
         self.merged_adapters = []
@@ -207,11 +213,30 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             return  # already a table: looking it up costs the same gather
         dtype = next(self.base_layer.parameters()).dtype
         self.aot_collapsed[adapter_name] = reparam.table(self.token_ids.embedding.weight).to(dtype)
+        self._collapsed_from[adapter_name] = _weights_state(reparam)
+
+    def _collapsed_table(self, adapter_name: str) -> torch.Tensor | None:
+        """The collapsed table of `adapter_name`, or None where the reparametrization must run instead.
+
+        It must run while autograd wants the reparametrization's gradients (training in eval mode, e.g. to turn
+        dropout off: the table was computed without a graph), and a table is dropped once a weight it came from
+        changed in place (an optimizer step, `load_state_dict`), so a stale table is never used.
+        """
+        if adapter_name not in self.aot_collapsed:
+            return None
+        reparam = self.aot_reparam[adapter_name]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in reparam.parameters()):
+            return None
+        if _weights_state(reparam) != self._collapsed_from.get(adapter_name):
+            del self.aot_collapsed[adapter_name]
+            return None
+        return self.aot_collapsed[adapter_name]
 
     def bias(self, adapter_name: str, token_ids: torch.Tensor) -> torch.Tensor:
         """``P_l[x]`` ``[..., d]`` of `adapter_name` for token ids ``x``."""
-        if adapter_name in self.aot_collapsed:
-            return F.embedding(token_ids, self.aot_collapsed[adapter_name])  # one gather
+        table = self._collapsed_table(adapter_name)
+        if table is not None:
+            return F.embedding(token_ids, table)  # one gather
         return self.aot_reparam[adapter_name].rows(token_ids, self.token_ids.embedding.weight)
 
     def _mixed_batch_bias(self, hidden_states: torch.Tensor, token_ids: torch.Tensor, adapter_names) -> torch.Tensor:
@@ -230,10 +255,9 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         for adapter_name, run in itertools.groupby(adapter_names):
             rows = slice(start, start + len(list(run)))
             start = rows.stop
-            table = self.aot_collapsed[adapter_name] if adapter_name in self.aot_collapsed else None
             if adapter_name not in self.aot_reparam:
                 bias[rows] = 0  # "__base__", or an adapter that does not target this layer
-            elif table is not None and table.dtype == bias.dtype:
+            elif (table := self._collapsed_table(adapter_name)) is not None and table.dtype == bias.dtype:
                 torch.index_select(table, 0, token_ids[rows].reshape(-1), out=bias[rows].view(-1, bias.shape[-1]))
             else:
                 bias[rows] = self.bias(adapter_name, token_ids[rows]).to(bias.dtype)

@@ -170,7 +170,10 @@ class AoTPTuningModel(BaseTuner):
     def collapse(self, adapter_names: list[str] | None = None) -> None:
         """Compute every layer's table ``P_l`` once for inference (all adapters if `adapter_names` is None).
 
-        The model must be in eval mode (`model.eval()`): putting it back in training mode drops the tables.
+        The model must be in eval mode (`model.eval()`): putting it back in training mode drops the tables. They
+        serve forward passes that need no gradient for the adapter (under `torch.no_grad()`/`inference_mode()`, or
+        with a frozen adapter as loaded by `PeftModel.from_pretrained`); a layer drops its table once a weight it
+        came from changes in place, so a table is never stale.
         """
         if self.training:
             raise ValueError("`collapse()` is for inference: call `model.eval()` first.")

@@ -156,6 +156,22 @@ def test_collapsed_tables_dropped_in_training_mode():
         model.base_model.collapse()
 
 
+def test_collapsed_tables_never_stale_nor_block_gradients_in_eval_mode():
+    model = make_peft("roberta", "fc")
+    model.base_model.collapse()
+    ids, labels = random_ids(), torch.tensor([0, 1, 1])
+    layers = [m for m in model.modules() if isinstance(m, AoTPTuningLayer)]
+    # training in eval mode (no dropout): the gradients reach the reparametrization, not a graph-less table
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(layer.aot_reparam["default"].out_weight.grad.abs().sum() > 0 for layer in layers)
+    with torch.no_grad():
+        layers[0].aot_reparam["default"].out_weight.add_(0.1)  # an in-place update, like an optimizer step
+        got = model(input_ids=ids).logits
+        expected = reference_forward(model, model.get_base_model(), ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert "default" not in layers[0].aot_collapsed and "default" in layers[1].aot_collapsed
+
+
 def test_kronecker_rows_are_rows_of_the_kronecker_product():
     reparam = AoTKroneckerTable(vocab_size=10, rank=3, out_dim=5)
     nn.init.normal_(reparam.right)
@@ -382,7 +398,8 @@ def test_error_on_token_ids_outside_the_table():
         model(input_ids=torch.tensor([[3, 129]]))
     with pytest.raises(ValueError, match="token id -1"):
         model(input_ids=torch.tensor([[-1, 3]]))
-    model.get_base_model().resize_token_embeddings(140, mean_resizing=False)  # grows the embedding in place; the tables keep 129 rows
+    # resizing grows the embedding in place; the tables keep 129 rows
+    model.get_base_model().resize_token_embeddings(140, mean_resizing=False)
     with pytest.raises(ValueError, match=r"token id 135, outside the AoT P-Tuning tables of 129 rows"):
         model(input_ids=torch.tensor([[3, 135]]))
 
