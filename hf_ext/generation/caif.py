@@ -21,6 +21,7 @@ the candidates, and hence greedy and sampled tokens, are those of the formula ab
 """
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -108,12 +109,22 @@ def _attribute_log_prob(logits: torch.Tensor, target: int, activation: str, inve
 
 def _is_causal_classifier(classifier) -> bool:
     """A sequence-classification head (``score``) over a decoder, as in GPT2/LlamaForSequenceClassification, whose
-    attention takes the custom 4D masks the packed candidate forward needs (``sdpa`` or ``eager``)."""
+    decoder takes what the packed candidate forward needs: custom 4D masks (``sdpa`` or ``eager`` attention) and
+    explicit ``position_ids``. ALiBi decoders (Bloom, MPT, Falcon with ``alibi``) derive positions from the mask
+    instead, so they go through the classifier's own forward."""
     config = classifier.config
     return (
-        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        and isinstance(getattr(classifier, "score", None), nn.Linear)
+        _is_decoder_classifier(classifier)
         and getattr(config, "_attn_implementation", "eager") in ("sdpa", "eager")
+        and "position_ids" in inspect.signature(classifier.base_model.forward).parameters
+        and not getattr(config, "alibi", False)
+    )
+
+
+def _is_decoder_classifier(classifier) -> bool:
+    """A ``score`` head over a decoder: HF reads its class logits at the last token that is not ``config.pad_token_id``."""
+    return classifier.config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and isinstance(
+        getattr(classifier, "score", None), nn.Linear
     )
 
 
@@ -172,7 +183,9 @@ class CAIFLogitsProcessor(LogitsProcessor):
     `LlamaForSequenceClassification`) each row's prefix keys/values are cached, so a step encodes only the
     candidates' new tokens; its class logits are read where its own head reads them (the last token that is not
     `classifier.config.pad_token_id`). The cache is checked against each row's prefix at every call, so a new
-    `generate()` call, beam search reordering rows or a changed batch only re-encode what changed.
+    `generate()` call, beam search reordering rows or a changed batch only re-encode what changed. ALiBi decoders
+    (Bloom, MPT, Falcon with `alibi`) cannot be packed this way; they run through their own forward on right-padded
+    batches, which needs `classifier.config.pad_token_id`.
 
     The rule of the official demo, `[(ℓ - mean ℓ) + alpha·(c - mean c)] / T` sampled among its best 20, differs
     from this one by a per-row constant: use `generate(temperature=T, top_k=20)` to reproduce it.
@@ -294,6 +307,16 @@ class CAIFLogitsProcessor(LogitsProcessor):
             classifier_tokenizer.truncation_side = "left"
         self.classifier_tokenizer = classifier_tokenizer
         self._classifier_pad_token_id = classifier.config.get_text_config().pad_token_id
+        # A decoder's own head reads the last token that is not its config's pad id, so right padding must use that id.
+        self._sequence_pad_token_id = classifier_tokenizer.pad_token_id
+        if _is_decoder_classifier(classifier) and not self.is_causal_classifier:
+            if self._classifier_pad_token_id is None:
+                raise ValueError(
+                    f"`classifier` ({classifier.config.model_type}) is run through its own forward on padded batches, "
+                    "where its head finds each sequence's last token by `classifier.config.pad_token_id`, which is "
+                    "None; set it, e.g. `classifier.config.pad_token_id = classifier_tokenizer.pad_token_id`."
+                )
+            self._sequence_pad_token_id = self._classifier_pad_token_id
         self._row_caches: list[_RowCache] = []
 
     # --- classifier inputs ------------------------------------------------------------------------------------------
@@ -323,7 +346,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
     def _sequence_logits(self, sequences: list[list[int]]) -> torch.Tensor:
         """Class logits ``[N, L]`` of whole sequences through the classifier's own forward and head, right-padded, in
         chunks of ``classifier_batch_size`` (bidirectional classifiers)."""
-        device, pad_id = self.classifier.device, self.classifier_tokenizer.pad_token_id
+        device, pad_id = self.classifier.device, self._sequence_pad_token_id
         outputs = []
         for start in range(0, len(sequences), self.classifier_batch_size):
             chunk = sequences[start : start + self.classifier_batch_size]

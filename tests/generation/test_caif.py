@@ -224,6 +224,26 @@ def test_causal_classifier_reads_where_its_head_reads_with_eos_as_pad(tok, use_c
             torch.testing.assert_close(out[i, tok.eos_token_id], expected, atol=1e-5, rtol=0)
 
 
+def test_alibi_decoder_runs_its_own_forward_and_needs_a_config_pad_id(tok):
+    """MPT takes no position ids (ALiBi from the mask), so packing candidates after a cached prefix would misplace
+    them: it is scored by its own forward, right-padded with its config's pad id (here EOS, not the tokenizer's)."""
+    from transformers import MptConfig, MptForSequenceClassification
+
+    config = MptConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, num_labels=2, pad_token_id=None)
+    torch.manual_seed(5)
+    classifier = MptForSequenceClassification(config).eval()
+    with pytest.raises(ValueError, match=r"`classifier` \(mpt\).*`classifier.config.pad_token_id`"):
+        CAIFLogitsProcessor(classifier, tok, tok, target_label=1, alpha=3.0)
+    classifier.config.pad_token_id = tok.eos_token_id
+    kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=3.0, top_k=6)
+    proc = CAIFLogitsProcessor(**kwargs)
+    assert not proc.is_causal_classifier and not proc.use_prefix_cache
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    scores[:, tok.eos_token_id] = 10.0
+    _assert_same_scores(proc(batch.input_ids, scores), caif_reference_scores(batch.input_ids, scores, **kwargs))
+
+
 def test_bridge_with_retokenizing_classifier_tokenizer(tok, lm):
     """LM: word-level tokenizer; classifier: cross-word BPE. Cached, full and reference agree."""
     bpe = _bpe_tokenizer()
