@@ -177,9 +177,12 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self._step_index = None
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """x_sigma = x0 + sigma * eps (CDCD); `sigmas` is a float or `(B,)`."""
-        sigmas = torch.as_tensor(sigmas, dtype=original_samples.dtype, device=original_samples.device)
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: float | torch.Tensor
+    ) -> torch.Tensor:
+        """x_sigma = x0 + sigma * eps (CDCD). `timesteps` are noise levels sigma (a float or `(B,)`), named as in
+        diffusers' `add_noise(original_samples, noise, timesteps)` since this scheduler's time is sigma itself."""
+        sigmas = torch.as_tensor(timesteps, dtype=original_samples.dtype, device=original_samples.device)
         return original_samples + sigmas.reshape(-1, *([1] * (original_samples.ndim - 1))) * noise
 
     def step(

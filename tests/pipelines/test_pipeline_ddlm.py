@@ -157,12 +157,16 @@ def test_cuda_matches_cpu(pipe):
 
 
 def test_save_load_round_trip_with_tokenizer(pipe, tmp_path):
+    pipe.scheduler = DDLMScheduler(switch_threshold=0.2, halting_patience=2, halting_start_fraction=0.25)
     pipe.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert (tmp_path / "model" / "model.safetensors").is_file()
     loaded = DDLMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.tokenizer.get_vocab() == pipe.tokenizer.get_vocab()
+    assert (loaded.scheduler.config.switch_threshold, loaded.scheduler.config.halting_start_fraction) == (0.2, 0.25)
+    original, reloaded = pipe.model.state_dict(), loaded.model.state_dict()
+    assert set(reloaded) == set(original) and all(torch.equal(original[k], v) for k, v in reloaded.items())
     for kwargs in ({}, {"prompt": "the film", "early_exit": "switches"}):
         a, b = _run(pipe, **kwargs), _run(loaded, **kwargs)
         assert torch.equal(a.sequences, b.sequences) and a.texts == b.texts and torch.equal(a.steps_used, b.steps_used)

@@ -38,8 +38,9 @@ def test_euler_steps_by_hand():
 def test_add_noise():
     scheduler = DDLMScheduler()
     x0, noise = torch.ones(2, 3, 4), torch.randn(2, 3, 4)
-    noisy = scheduler.add_noise(x0, noise, torch.tensor([2.0, 5.0]))
-    torch.testing.assert_close(noisy[1], 1 + 5.0 * noise[1])
+    noisy = scheduler.add_noise(x0, noise, timesteps=torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(noisy, torch.stack([1 + 2.0 * noise[0], 1 + 5.0 * noise[1]]))
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, 3.0), 1 + 3.0 * noise)
 
 
 def test_halting_statistics_against_plain_formulas():
