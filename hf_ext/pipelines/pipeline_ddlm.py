@@ -107,6 +107,8 @@ class DDLMPipeline(DiffusionPipeline):
         if prompt is not None:
             if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
                 raise TypeError(f"`prompt` must be a string, a list of strings or None, got {type(prompt).__name__}.")
+            if isinstance(prompt, list) and not prompt:
+                raise ValueError("`prompt` must be a non-empty list of strings, a string or None, got [].")
             if self.tokenizer is None:
                 raise ValueError("`prompt` needs a tokenizer; the pipeline has none.")
         if callback_on_step_end_tensor_inputs is not None:

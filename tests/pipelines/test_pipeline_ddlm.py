@@ -181,6 +181,7 @@ def test_save_load_round_trip_with_tokenizer(pipe, tmp_path):
         ({"num_samples": 0}, "num_samples"),
         ({"prompt": "the movie was really great and i liked it to me", "length": 5}, "prompt"),
         ({"early_exit": "perplexity"}, "early_exit"),
+        ({"prompt": []}, "prompt"),
     ],
 )
 def test_bad_input_raises_value_error(pipe, kwargs, match):
