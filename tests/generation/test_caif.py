@@ -345,6 +345,53 @@ def test_sampling_with_num_return_sequences_stays_in_the_lm_top_k(tok, lm, rober
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
+class _CheckedAgainstReference:
+    """Wraps a processor inside generate(): at every step its scores must equal the reference's on the same inputs."""
+
+    def __init__(self, proc, **kwargs):
+        self.proc, self.reference, self.inputs = proc, _Reference(**kwargs), []
+
+    def __call__(self, input_ids, scores):
+        out = self.proc(input_ids, scores)
+        _assert_same_scores(out, self.reference(input_ids, scores))
+        self.inputs.append(input_ids.clone())
+        return out
+
+
+@pytest.mark.parametrize(
+    "gen, dtype",
+    [(dict(num_beams=3, num_return_sequences=2, do_sample=False), torch.float32),
+     (dict(do_sample=True, num_return_sequences=3, top_k=0), torch.float64)],
+)
+def test_generate_modes_match_reference_at_every_step(tok, lm, gpt2_cls, gen, dtype):
+    """Beam search reorders rows between steps and num_return_sequences repeats them: the per-row prefix cache
+    (content-checked) must still give each row its own prefix's scores, in the classifier's dtype."""
+    classifier = copy.deepcopy(gpt2_cls).to(dtype)
+    kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=4.0, top_k=6)
+    checked = _CheckedAgainstReference(CAIFLogitsProcessor(**kwargs), **kwargs)
+    torch.manual_seed(0)
+    out = lm.generate(**tok(PROMPTS[:2], return_tensors="pt", padding=True), logits_processor=LogitsProcessorList([checked]),
+                      max_new_tokens=5, pad_token_id=tok.pad_token_id, **gen)
+    assert out.shape[0] == 2 * gen["num_return_sequences"] and len(checked.inputs) == 5
+    reordered = any(not torch.equal(new[:, :-1], old) for old, new in zip(checked.inputs, checked.inputs[1:]))
+    assert reordered == (gen.get("num_beams", 1) > 1)  # beam search did move rows: the cache had to follow
+
+
+def test_classifier_forwards_are_bounded_by_classifier_batch_size(tok, roberta, gpt2_cls):
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    scores = torch.randn(len(PROMPTS), len(tok))
+    for classifier, module in ((roberta, roberta), (gpt2_cls, gpt2_cls.transformer)):
+        sizes = []
+        hook = module.register_forward_hook(lambda m, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
+                                            with_kwargs=True)
+        try:
+            CAIFLogitsProcessor(classifier, tok, tok, 1, 2.0, top_k=6, classifier_batch_size=4, use_cache=False)(
+                batch.input_ids, scores)
+        finally:
+            hook.remove()
+        assert sizes == [4, 4, 4, 4, 2]  # 3 rows x 6 candidates, in forwards of at most 4
+
+
 def test_positive_alpha_raises_and_negative_alpha_lowers_the_attribute(tok, roberta):
     scores = torch.zeros(1, len(tok))  # a uniform LM: the choice is the classifier's alone
     input_ids = tok(["the movie was"], return_tensors="pt").input_ids
