@@ -269,14 +269,18 @@ def test_certain_exit_heads_give_hand_computed_exit_steps(mode):
 
 
 @torch.no_grad()
-def test_sample_mode_follows_the_exit_distribution():
+@pytest.mark.parametrize("with_labels", [False, True])  # step-by-step Bernoulli exits, or t ~ p after all steps
+def test_sample_mode_follows_the_exit_distribution(with_labels):
     model = _tiny_palbert()
     input_ids, attention_mask, _ = _batch(batch_size=1)
-    p = model(input_ids, attention_mask=attention_mask, inference_mode="full").exit_probs[0]
+    full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
     repeated = input_ids.expand(2000, -1)
-    steps = model(repeated, attention_mask=attention_mask.expand(2000, -1), inference_mode="sample").exit_step
-    frequencies = torch.bincount(steps - 1, minlength=NUM_STEPS).float() / 2000
-    torch.testing.assert_close(frequencies, p, atol=0.04, rtol=0)
+    labels = torch.zeros(2000, dtype=torch.long) if with_labels else None
+    out = model(repeated, attention_mask=attention_mask.expand(2000, -1), labels=labels, inference_mode="sample")
+    frequencies = torch.bincount(out.exit_step - 1, minlength=NUM_STEPS).float() / 2000
+    torch.testing.assert_close(frequencies, full.exit_probs[0], atol=0.04, rtol=0)
+    step_logits, _ = _reference_steps(model, input_ids, attention_mask)
+    torch.testing.assert_close(out.logits, step_logits[0, out.exit_step - 1], atol=1e-5, rtol=1e-5)
 
 
 def test_regression():
