@@ -110,14 +110,16 @@ def _attribute_log_prob(logits: torch.Tensor, target: int, activation: str, inve
 def _is_causal_classifier(classifier) -> bool:
     """A sequence-classification head (``score``) over a decoder, as in GPT2/LlamaForSequenceClassification, whose
     decoder takes what the packed candidate forward needs: custom 4D masks (``sdpa`` or ``eager`` attention) and
-    explicit ``position_ids``. ALiBi decoders (Bloom, MPT, Falcon with ``alibi``) derive positions from the mask
-    instead, so they go through the classifier's own forward."""
+    explicit ``position_ids``, with full attention in every layer (the 4D mask replaces a sliding window's).
+    ALiBi decoders (Bloom, MPT, Falcon with ``alibi``) derive positions from the mask instead. Other decoders go
+    through the classifier's own forward."""
     config = classifier.config
     return (
         _is_decoder_classifier(classifier)
         and getattr(config, "_attn_implementation", "eager") in ("sdpa", "eager")
         and "position_ids" in inspect.signature(classifier.base_model.forward).parameters
         and not getattr(config, "alibi", False)
+        and _full_attention_only(config)
     )
 
 
@@ -128,8 +130,8 @@ def _is_decoder_classifier(classifier) -> bool:
     )
 
 
-def _supports_prefix_cache(config) -> bool:
-    """Full attention in every layer: then keys/values of a prefix can be stored per row and reused."""
+def _full_attention_only(config) -> bool:
+    """Full attention in every layer (no sliding window)."""
     config = config.get_text_config()
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and any(t != "full_attention" for t in layer_types):
@@ -185,7 +187,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
     `classifier.config.pad_token_id`). The cache is checked against each row's prefix at every call, so a new
     `generate()` call, beam search reordering rows or a changed batch only re-encode what changed. ALiBi decoders
     (Bloom, MPT, Falcon with `alibi`) cannot be packed this way; they run through their own forward on right-padded
-    batches, which needs `classifier.config.pad_token_id`.
+    batches, which needs `classifier.config.pad_token_id`; so do decoders with sliding-window layers.
 
     The rule of the official demo, `[(ℓ - mean ℓ) + alpha·(c - mean c)] / T` sampled among its best 20, differs
     from this one by a per-row constant: use `generate(temperature=T, top_k=20)` to reproduce it.
@@ -218,8 +220,8 @@ class CAIFLogitsProcessor(LogitsProcessor):
         classifier_batch_size (`int`, *optional*, defaults to 256):
             Most sequences per classifier forward.
         use_cache (`bool`, *optional*, defaults to `True`):
-            Reuse a prefix cache for causal classifiers whose layers all use full attention. With `False` (and for
-            bidirectional classifiers) every candidate sequence is encoded in full.
+            Reuse a prefix cache for causal classifiers (see above). With `False` (and for other classifiers) every
+            candidate sequence is encoded in full.
 
     Examples:
 
@@ -272,7 +274,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
             )
         self.target_label = _resolve_target_label(classifier.config, target_label)
         self.is_causal_classifier = _is_causal_classifier(classifier)
-        self.use_prefix_cache = self.is_causal_classifier and use_cache and _supports_prefix_cache(classifier.config)
+        self.use_prefix_cache = self.is_causal_classifier and use_cache
         if max_classifier_tokens is not None:
             min_tokens = 1 + classifier_tokenizer.num_special_tokens_to_add()
             if isinstance(max_classifier_tokens, bool) or not isinstance(max_classifier_tokens, int) or (

@@ -224,15 +224,28 @@ def test_causal_classifier_reads_where_its_head_reads_with_eos_as_pad(tok, use_c
             torch.testing.assert_close(out[i, tok.eos_token_id], expected, atol=1e-5, rtol=0)
 
 
-def test_alibi_decoder_runs_its_own_forward_and_needs_a_config_pad_id(tok):
-    """MPT takes no position ids (ALiBi from the mask), so packing candidates after a cached prefix would misplace
-    them: it is scored by its own forward, right-padded with its config's pad id (here EOS, not the tokenizer's)."""
-    from transformers import MptConfig, MptForSequenceClassification
+def _unpackable_decoder_classifier(tokenizer, kind):
+    """Decoders the packed candidate forward cannot serve: MPT takes no position ids (ALiBi from the mask); a
+    Mistral whose sliding window (2) is shorter than the texts would see a full-attention 4D mask."""
+    from transformers import MistralConfig, MistralForSequenceClassification, MptConfig, MptForSequenceClassification
 
-    config = MptConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, num_labels=2, pad_token_id=None)
     torch.manual_seed(5)
-    classifier = MptForSequenceClassification(config).eval()
-    with pytest.raises(ValueError, match=r"`classifier` \(mpt\).*`classifier.config.pad_token_id`"):
+    if kind == "mpt":
+        config = MptConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=4, num_labels=2, pad_token_id=None)
+        return MptForSequenceClassification(config).eval()
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=2, num_labels=2, pad_token_id=None,
+    )
+    return MistralForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["mpt", "mistral_sliding_window"])
+def test_unpackable_decoder_runs_its_own_forward_and_needs_a_config_pad_id(tok, kind):
+    """Such a classifier is scored by its own forward, right-padded with its config's pad id (here EOS, not the
+    tokenizer's pad), and a config without a pad id is refused up front."""
+    classifier = _unpackable_decoder_classifier(tok, kind)
+    with pytest.raises(ValueError, match=r"`classifier` \(m.*\).*`classifier.config.pad_token_id`"):
         CAIFLogitsProcessor(classifier, tok, tok, target_label=1, alpha=3.0)
     classifier.config.pad_token_id = tok.eos_token_id
     kwargs = dict(classifier=classifier, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=3.0, top_k=6)
