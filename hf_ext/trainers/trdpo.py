@@ -368,6 +368,9 @@ class _LoraReference:
         ref_config = copy.deepcopy(config)
         ref_config.r, ref_config.lora_alpha, ref_config.use_rslora = self.rank, self.rank, False  # scaling 1
         ref_config.rank_pattern, ref_config.alpha_pattern, ref_config.inference_mode = {}, {}, True
+        # TRL disables dropout before this adapter exists; without this the reference forward (run in train mode)
+        # would apply the policy's LoRA dropout and give noisy reference log-probs.
+        ref_config.lora_dropout = 0.0
         model.add_adapter(REF_ADAPTER, ref_config)
         model.set_adapter(self.adapter)
         for name, param in model.named_parameters():

@@ -135,21 +135,32 @@ def test_args_must_be_trdpo_config(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("ours", "trl"),
+    ("ours", "trl", "both"),
     [
-        ({"ref_update": "soft", "alpha": 0.3}, {"ref_model_mixup_alpha": 0.3, "ref_model_sync_steps": 1}),
-        ({"ref_update": "hard", "tau": 2}, {"ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}),
+        (  # with gradient accumulation: one update per optimizer step, not per micro-batch
+            {"ref_update": "soft", "alpha": 0.3},
+            {"ref_model_mixup_alpha": 0.3, "ref_model_sync_steps": 1},
+            {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+        ),
+        ({"ref_update": "hard", "tau": 2}, {"ref_model_mixup_alpha": 1.0, "ref_model_sync_steps": 2}, {}),
     ],
-    ids=["soft", "hard"],
+    ids=["soft-grad-accum", "hard"],
 )
-def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl):
+def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl, both):
     from trl import DPOConfig, DPOTrainer
 
     policy = tiny_gpt2()
     initial = _params(policy)
     trl_trainer = _trainer(
         _config(
-            tmp_path / "trl", cls=DPOConfig, max_steps=5, optim="sgd", learning_rate=0.5, sync_ref_model=True, **trl
+            tmp_path / "trl",
+            cls=DPOConfig,
+            max_steps=5,
+            optim="sgd",
+            learning_rate=0.5,
+            sync_ref_model=True,
+            **trl,
+            **both,
         ),
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(policy),
@@ -157,7 +168,8 @@ def test_matches_trl_sync_ref_model_where_they_coincide(tmp_path, ours, trl):
     )
     trl_trainer.train()
     our_trainer = _trainer(
-        _config(tmp_path / "ours", max_steps=5, optim="sgd", learning_rate=0.5, **ours), model=copy.deepcopy(policy)
+        _config(tmp_path / "ours", max_steps=5, optim="sgd", learning_rate=0.5, **ours, **both),
+        model=copy.deepcopy(policy),
     )
     our_trainer.train()
 
@@ -260,7 +272,7 @@ def test_mix_low_rank_is_exact_or_optimal_against_the_dense_value():
 def _lora_trainer(tmp_path, **overrides):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.0)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.1)
     return _trainer(_config(tmp_path, **overrides), peft_config=lora)
 
 
@@ -290,6 +302,8 @@ def test_lora_soft_update_mixes_weight_deltas_exactly(tmp_path):
     assert torch.linalg.matrix_norm(record.exact).item() > 0
     assert not torch.allclose(layer.get_delta_weight(REF_ADAPTER), layer.get_delta_weight("default"), atol=1e-6)
     assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if f".{REF_ADAPTER}." in n)
+    # the reference adapter is deterministic even though the policy's LoraConfig has dropout 0.1
+    assert isinstance(layer.lora_dropout[REF_ADAPTER], torch.nn.Identity)
     assert policy_a.requires_grad and policy_b.requires_grad
 
 
@@ -379,6 +393,11 @@ def test_two_processes_hold_identical_references(tmp_path):
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata()["world_size"] == "2"
     first, second = (load_file(str(f)) for f in files)
-    _assert_same(first, second)
+    _assert_same(first, second)  # references (and policies) identical on both ranks
+    reference = {k: v for k, v in first.items() if k.startswith("reference.")}
+    for key, value in reference.items():  # the reference is the soft recursion over the synced policies
+        torch.testing.assert_close(value, first[key.replace("reference.", "expected.", 1)], rtol=0, atol=1e-6)
     initial = _params(tiny_gpt2())
-    assert not torch.equal(first["transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(first[f"reference.{name}"], initial[name])
+    assert not torch.equal(first[f"reference.{name}"], first[f"policy.{name}"])  # alpha < 1: it lags the policy
