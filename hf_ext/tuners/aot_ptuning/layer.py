@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,8 @@ class AoTTokenIds:
     """The token ids of the forward pass in progress, shared by the AoT layers of one model.
 
     `reset` runs before the model's forward (so ids from an earlier call are never reused) and `capture` before
-    its input embedding's forward. It is a plain object, not a module: the embedding stays owned by the model.
+    its input embedding's forward. The ids are kept per thread, so threads serving one model never see each
+    other's ids. It is a plain object, not a module: the embedding stays owned by the model.
 
     Args:
         embedding: the model's input embedding; its frozen weight is the matrix ``E`` of the FC reparametrization.
@@ -36,8 +38,24 @@ class AoTTokenIds:
     def __init__(self, embedding: nn.Embedding, vocab_size: int):
         self.embedding = embedding
         self.vocab_size = vocab_size
-        self.input_ids: torch.Tensor | None = None
+        self._local = threading.local()
         self.handles: list = []
+
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        """The ids ``[B, T]`` captured in this thread's forward pass in progress, or None."""
+        return getattr(self._local, "input_ids", None)
+
+    @input_ids.setter
+    def input_ids(self, input_ids: torch.Tensor | None) -> None:
+        self._local.input_ids = input_ids
+
+    def __getstate__(self) -> dict:  # `copy.deepcopy(model)`: a thread-local cannot be copied, nor needs to be
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def install(self, model: nn.Module) -> None:
         self.handles = [

@@ -1,11 +1,13 @@
 """AoTPTuningModel: outputs against a plain reference, collapse, mixed batches, generate, save/load, errors."""
 
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from functools import partial
 
 import pytest
@@ -268,6 +270,27 @@ def test_mixed_batch_head_routing_is_undone_after_errors_and_keeps_an_existing_f
     torch.testing.assert_close(mixed[[0, 2]], plain[[0, 2]])
     torch.testing.assert_close(mixed[1], base[1])
     torch.testing.assert_close(disabled_mixed, base)  # disable_adapter() wins over adapter_names, head included
+
+
+def test_token_ids_are_kept_per_thread_and_the_model_deep_copies():
+    model = make_peft("roberta", "fc")
+    ids_a, ids_b = random_ids(seed=1), random_ids(seed=2)
+    with torch.no_grad():
+        expected = model(input_ids=ids_a).logits
+    first_layer = next(m for m in model.modules() if isinstance(m, AoTPTuningLayer))
+
+    def other_thread_runs_a_forward(module, args):  # between this forward's embedding and its first AoT layer
+        handle.remove()
+        thread = threading.Thread(target=lambda: model(input_ids=ids_b))
+        thread.start()
+        thread.join()
+
+    handle = first_layer.register_forward_pre_hook(other_thread_runs_a_forward)
+    with torch.no_grad():
+        got = model(input_ids=ids_a).logits
+        copied = copy.deepcopy(model)(input_ids=ids_a).logits
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(copied, expected)
 
 
 def test_mixed_batch_generate_and_collapsed_tables():
