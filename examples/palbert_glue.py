@@ -128,13 +128,17 @@ def time_inference(model, collator, evaluation, batch_size: int) -> dict:
     """Wall time of the evaluation set at full depth and with Q-exit (no labels: exited examples leave the batch)."""
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in evaluation.column_names]
     rows = evaluation.select_columns(columns).to_list()
-    batches = [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+    batches = [collator(rows[i : i + batch_size]).to(model.device) for i in range(0, len(rows), batch_size)]
+    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else lambda: None
     model.eval()
     seconds = {}
     for mode in ("full", "q_exit"):
+        model(**batches[0], inference_mode=mode)  # warm-up, so that the first mode timed pays no set-up
+        synchronize()
         start = time.perf_counter()
         for batch in batches:
-            model(**{k: v.to(model.device) for k, v in batch.items()}, inference_mode=mode)
+            model(**batch, inference_mode=mode)
+        synchronize()  # GPU calls return before the work is done
         seconds[mode] = time.perf_counter() - start
     speedup = seconds["full"] / seconds["q_exit"]
     return {"full_depth_s": seconds["full"], "q_exit_s": seconds["q_exit"], "speedup": speedup}
@@ -157,7 +161,7 @@ def main(argv=None) -> dict:
         optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,  # Adam, no scheduler
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
         metric_for_best_model=metric, greater_is_better=True,
-        fp16=torch.cuda.is_available(), use_cpu=args.tiny, report_to="none", seed=args.seed,
+        fp16=torch.cuda.is_available() and not args.tiny, use_cpu=args.tiny, report_to="none", seed=args.seed,
         logging_steps=50, disable_tqdm=True,
     )
     trainer = Trainer(
