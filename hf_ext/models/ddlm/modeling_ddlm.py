@@ -203,6 +203,8 @@ class DDLMBlock(nn.Module):
 
 
 class DDLMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the `from_pretrained`/`save_pretrained` plumbing shared by DDLM models."""
+
     config: DDLMConfig
     base_model_prefix = "ddlm"
     _no_split_modules = ["DDLMBlock"]
