@@ -183,9 +183,10 @@ def build_table(config, embedding_weight: torch.Tensor, hidden_size: int) -> nn.
     return AoTRawTable(vocab_size, hidden_size)
 
 
-def _weights_state(module: nn.Module) -> tuple:
-    """Storage and in-place version counter of each parameter: changes whenever a weight is updated or replaced."""
-    return tuple((p.data_ptr(), p._version) for p in module.parameters())
+def _weights_state(reparam: nn.Module, embedding_weight: torch.Tensor) -> tuple:
+    """Storage and in-place version counter of each weight a table is computed from (the reparametrization's and
+    ``E``): changes whenever one is updated or replaced."""
+    return tuple((w.data_ptr(), w._version) for w in (*reparam.parameters(), embedding_weight))
 
 
 class AoTPTuningLayer(nn.Module, BaseTunerLayer):
@@ -231,21 +232,22 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             return  # already a table: looking it up costs the same gather
         dtype = next(self.base_layer.parameters()).dtype
         self.aot_collapsed[adapter_name] = reparam.table(self.token_ids.embedding.weight).to(dtype)
-        self._collapsed_from[adapter_name] = _weights_state(reparam)
+        self._collapsed_from[adapter_name] = _weights_state(reparam, self.token_ids.embedding.weight)
 
     def _collapsed_table(self, adapter_name: str) -> torch.Tensor | None:
         """The collapsed table of `adapter_name`, or None where the reparametrization must run instead.
 
         It must run while autograd wants the reparametrization's gradients (training in eval mode, e.g. to turn
         dropout off: the table was computed without a graph), and a table is dropped once a weight it came from
-        changed in place (an optimizer step, `load_state_dict`), so a stale table is never used.
+        changed in place (an optimizer step, `load_state_dict`, `resize_token_embeddings`), so a stale table is
+        never used.
         """
         if adapter_name not in self.aot_collapsed:
             return None
         reparam = self.aot_reparam[adapter_name]
         if torch.is_grad_enabled() and any(p.requires_grad for p in reparam.parameters()):
             return None
-        if _weights_state(reparam) != self._collapsed_from.get(adapter_name):
+        if _weights_state(reparam, self.token_ids.embedding.weight) != self._collapsed_from.get(adapter_name):
             del self.aot_collapsed[adapter_name]
             return None
         return self.aot_collapsed[adapter_name]

@@ -172,6 +172,10 @@ def test_collapsed_tables_never_stale_nor_block_gradients_in_eval_mode():
         expected = reference_forward(model, model.get_base_model(), ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert "default" not in layers[0].aot_collapsed and "default" in layers[1].aot_collapsed
+    model.get_base_model().resize_token_embeddings(140, mean_resizing=False)  # E gets new storage
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert "default" not in layers[1].aot_collapsed  # the FC table was computed from the old E
 
 
 def test_kronecker_rows_are_rows_of_the_kronecker_product():
