@@ -6,6 +6,7 @@ from torch.nn import functional as F
 from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
+    AlbertModel,
     AutoModelForSequenceClassification,
     Trainer,
     TrainingArguments,
@@ -377,6 +378,17 @@ def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
     for key, value in albert_state.items():
         if key.startswith("albert."):
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_from_albert_pretrained_from_a_bare_albert_model(tmp_path):
+    # AlbertModel checkpoints store their weights without the "albert." prefix.
+    torch.manual_seed(4)
+    albert = AlbertModel(_tiny_albert_config()).eval()
+    albert.save_pretrained(tmp_path)
+    model = PalbertForSequenceClassification.from_albert_pretrained(tmp_path)
+    state = model.state_dict()
+    for key, value in albert.state_dict().items():
+        assert torch.equal(state[f"albert.{key}"], value), key
 
 
 def test_from_albert_pretrained_rejects_other_checkpoints(tmp_path):
