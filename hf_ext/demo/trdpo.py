@@ -4,8 +4,14 @@ A tiny GPT-2 is first tuned (plain SFT) to write completions "<adj> and <adj> <t
 polarity; that is the initial policy π₀. Then DPO, TR-DPO α (soft) and TR-DPO τ (hard) train on the
 same pairs from :func:`hf_ext.data.preference.preference_dataset` with the same β, learning rate and
 steps. Every few steps the section samples completions for held-out prompts and reports their known
-reward (# positive − # negative adjectives) and the KL to π₀ (the per-token KL summed along the
-sampled completions, averaged over prompts).
+reward (# positive − # negative adjectives), the share of samples still in the "<adj> and <adj>" format,
+and the KL to π₀ (the per-token KL summed along the sampled completions, averaged over prompts).
+
+The paper's claim is about the reward *at a given KL* (TR methods overoptimize less), so the section
+plots reward against KL along each run (the frontier) besides both over steps, and reports each run's
+best reward within a shared KL budget (the lowest final KL of the three runs) as well as the final and
+best points. The learning rate (3e-4) is the one where DPO gains reward before it breaks the format;
+nothing is tuned to favour a method.
 """
 
 import copy
@@ -16,7 +22,7 @@ import torch
 from hf_ext.demo import DemoContext, SectionResult, register_section
 
 _STEPS = 48
-_EVAL_EVERY = 12
+_EVAL_EVERY = 8
 _EVAL_PROMPTS = 96
 _NEW_TOKENS = 7
 
@@ -46,9 +52,12 @@ def _sft_initial_policy(tokenizer, seed: int):
 
 
 @torch.no_grad()
-def _evaluate(policy, initial, tokenizer, prompts, seed: int) -> tuple[float, float]:
-    """(mean known reward of sampled completions, mean KL(π ‖ π₀) along them)."""
+def _evaluate(policy, initial, tokenizer, prompts, seed: int) -> tuple[float, float, float, float]:
+    """(mean known reward of sampled completions, mean KL(π ‖ π₀) along them, share in the format, reward's s.e.)."""
     from hf_ext.data.preference import preference_reward
+    from hf_ext.data.sentiment import NEGATIVE, POSITIVE
+
+    adjectives = set(POSITIVE) | set(NEGATIVE)
 
     was_training = policy.training
     policy.eval()
@@ -65,26 +74,23 @@ def _evaluate(policy, initial, tokenizer, prompts, seed: int) -> tuple[float, fl
     )  # (B, T + N)
     completions = sequences[:, batch["input_ids"].shape[1] :]  # (B, N)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    reward = sum(preference_reward(t) for t in texts) / len(texts)
-    # mask: generated tokens up to and including the first EOS
-    generated = (completions != tokenizer.pad_token_id) | (completions == tokenizer.eos_token_id)
-    after_eos = (completions == tokenizer.eos_token_id).int().cumsum(1) - (completions == tokenizer.eos_token_id).int()
-    mask = generated & (after_eos == 0)
+    rewards = torch.tensor([float(preference_reward(t)) for t in texts])
+    words = [t.split()[:3] for t in texts]
+    well_formed = sum(len(w) == 3 and w[0] in adjectives and w[1] == "and" and w[2] in adjectives for w in words)
+    # mask: generated tokens up to and including the first EOS (all prompts have the same length: no padding)
+    is_eos = (completions == tokenizer.eos_token_id).int()
+    mask = (is_eos.cumsum(1) - is_eos) == 0
     attention = torch.cat([batch["attention_mask"], mask.long()], dim=1)
     positions = slice(batch["input_ids"].shape[1] - 1, -1)  # logits that predict the completion tokens
     log_p = policy(input_ids=sequences, attention_mask=attention).logits[:, positions].log_softmax(-1)
     log_q = initial(input_ids=sequences, attention_mask=attention).logits[:, positions].log_softmax(-1)
     kl = ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum(1).mean().item()
     policy.train(was_training)
-    return reward, kl
+    return rewards.mean().item(), kl, well_formed / len(texts), (rewards.std() / len(texts) ** 0.5).item()
 
 
 @register_section("trdpo", title="TR-DPO: DPO vs soft/hard reference updates on a known-reward task")
 def run(ctx: DemoContext) -> SectionResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -100,7 +106,7 @@ def run(ctx: DemoContext) -> SectionResult:
     common = dict(
         max_steps=_STEPS,
         per_device_train_batch_size=8,
-        learning_rate=1e-3,
+        learning_rate=3e-4,
         beta=0.5,
         bf16=False,
         use_cpu=True,
@@ -144,44 +150,80 @@ def run(ctx: DemoContext) -> SectionResult:
         trainer.add_callback(probe)
         trainer.train()
         curves[name] = [start, *probe.points]
-        ctx.log(f"{name}: reward {curves[name][-1][1]:+.2f}, KL to initial {curves[name][-1][2]:.2f}")
+        best = max(curves[name], key=lambda point: point[1])
+        ctx.log(
+            f"{name}: final reward {curves[name][-1][1]:+.2f} at KL {curves[name][-1][2]:.2f}; best reward "
+            f"{best[1]:+.2f} at KL {best[2]:.2f} (step {best[0]})"
+        )
+    _plot(curves, ctx.figure_path("trdpo_reward_kl.png"))
+    return _result(start, curves)
 
-    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+
+def _plot(curves: dict, path) -> None:
+    """Reward and KL over steps, and reward against KL (the frontier the paper's claim is about)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reward, ax_kl, ax_frontier) = plt.subplots(1, 3, figsize=(14, 3.8))
     for name, points in curves.items():
-        steps, rewards, kls = zip(*points, strict=True)
+        steps, rewards, kls, _, _ = zip(*points, strict=True)
         ax_reward.plot(steps, rewards, marker="o", label=name)
         ax_kl.plot(steps, kls, marker="o", label=name)
+        ax_frontier.plot(kls, rewards, marker="o", label=name)
     ax_reward.set(xlabel="optimizer step", ylabel="known reward of samples", title="Reward")
     ax_kl.set(xlabel="optimizer step", ylabel="KL(policy || initial), nats", title="KL to the initial policy")
+    ax_frontier.set(xlabel="KL(policy || initial), nats", ylabel="known reward of samples", title="Reward vs KL")
     ax_reward.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(ctx.figure_path("trdpo_reward_kl.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    metrics = {"reward_initial": round(start[1], 3)}
+
+def _result(start: tuple, curves: dict) -> SectionResult:
+    """Final and best points of each run, and each run's best reward within a shared KL budget (the frontier)."""
+    budget = min(points[-1][2] for points in curves.values())  # every run reaches this KL to π₀
+    stderr = max(p[4] for points in curves.values() for p in points)
+    metrics = {"reward_initial": round(start[1], 3), "kl_budget": round(budget, 3), "reward_stderr": round(stderr, 3)}
+    within = {}
     for key, name in zip(("dpo", "soft", "hard"), curves, strict=True):
-        metrics[f"reward_{key}"] = round(curves[name][-1][1], 3)
-        metrics[f"kl_{key}"] = round(curves[name][-1][2], 3)
+        final, best = curves[name][-1], max(curves[name], key=lambda point: point[1])
+        within[key] = max(p[1] for p in curves[name] if p[2] <= budget)
+        metrics[f"reward_{key}"], metrics[f"kl_{key}"] = round(final[1], 3), round(final[2], 3)
+        metrics[f"format_{key}"] = round(final[3], 3)
+        metrics[f"best_reward_{key}"], metrics[f"kl_at_best_{key}"] = round(best[1], 3), round(best[2], 3)
+        metrics[f"reward_within_budget_{key}"] = round(within[key], 3)
+    verdicts = []
+    for key in ("soft", "hard"):
+        gap = within[key] - within["dpo"]
+        word = "above" if gap > 2 * stderr else "below" if gap < -2 * stderr else "within two standard errors of"
+        verdicts.append(f"TR-DPO {key} is {word} DPO ({gap:+.2f})")
     table = [
-        {"method": n, "step": s, "reward": round(r, 3), "kl_to_initial": round(k, 3)}
-        for n, p in curves.items()
-        for s, r, k in p
+        {"method": n, "step": s, "reward": round(r, 3), "kl_to_initial": round(k, 3), "format": round(f, 3)}
+        for n, points in curves.items()
+        for s, r, k, f, _ in points
     ]
     return SectionResult(
         claim=(
-            "Updating the reference (TR-DPO) lets the policy move further from the initial policy than DPO with the "
-            "same beta and steps (the paper finds this improves quality at a given KL budget)."
+            "The paper: updating the reference (TR-DPO) gives better quality at a given KL to the initial policy than "
+            "DPO, i.e. less overoptimization. Checked here on the reward-vs-KL frontier of one tiny run each."
         ),
         metrics=metrics,
         table=table,
         figures=["trdpo_reward_kl.png"],
         notes=(
-            f"Tiny GPT-2 after a short SFT, {_STEPS} steps of batch 8, beta 0.5, lr 1e-3; reward and KL from "
-            f"{_EVAL_PROMPTS} sampled completions, one seed, so the curves are noisy. Here the reference update shows "
-            "as a higher KL to the initial policy; a reward gain over DPO is not expected to show at this scale. The "
-            "paper's alpha=0.6 / tau=512 suit thousands of steps; this miniature scales them down (alpha=0.1, tau=12)."
+            f"Best reward within the KL budget {budget:.2f} nats (the lowest final KL of the three runs): "
+            f"{'; '.join(verdicts)}. Tiny GPT-2 after a short SFT, {_STEPS} steps of batch 8, beta 0.5, lr 3e-4; "
+            f"reward, KL and the share of samples in the '<adj> and <adj>' format from {_EVAL_PROMPTS} sampled "
+            f"completions every {_EVAL_EVERY} steps, one seed (reward standard error up to {stderr:.2f}). The paper's "
+            "alpha=0.6 (applied every step, the reference would trail the policy by under one step) and tau=512 suit "
+            "thousands of steps; this miniature scales them to its length (alpha=0.1, tau=12). DPO itself degrades "
+            f"the text as it gains reward (its format share falls from {start[3]:.2f} to {metrics['format_dpo']:.2f}: "
+            "likelihood displacement in a 2-layer model). The reference update loosens the tie to the initial "
+            f"policy: final KL {metrics['kl_dpo']:.2f} (DPO), {metrics['kl_soft']:.2f} (soft), "
+            f"{metrics['kl_hard']:.2f} (hard). At lr 1e-3 all three lose the format within 12 steps."
         ),
     )
-
 
 __all__ = ["run"]
