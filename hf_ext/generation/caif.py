@@ -21,15 +21,20 @@ the candidates, and hence greedy and sampled tokens, are those of the formula ab
 """
 
 import copy
-import inspect
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor
-from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import LOGITS_PROCESSOR_INPUTS_DOCSTRING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import add_start_docstrings, logging
+
+from hf_ext.generation.caif_decoder import (
+    PrefixCachedDecoder,
+    common_prefix_length,
+    cut_after_last_non_pad,
+    is_decoder_classifier,
+    is_packable_decoder_classifier,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -70,28 +75,38 @@ def _strip_left_padding(ids: list[int], pad_token_id: int | None) -> list[int]:
     return ids[start:]
 
 
-def _cut_after_last_non_pad(ids: list[int], pad_token_id: int | None) -> list[int]:
-    """``ids`` up to the token a decoder's classification head reads.
+def _check_max_classifier_tokens(max_classifier_tokens, classifier_tokenizer, use_prefix_cache: bool) -> None:
+    min_tokens = 1 + classifier_tokenizer.num_special_tokens_to_add()
+    if isinstance(max_classifier_tokens, bool) or not isinstance(max_classifier_tokens, int) or (
+        max_classifier_tokens < min_tokens
+    ):
+        raise ValueError(
+            f"`max_classifier_tokens` must be None or an integer >= {min_tokens} (one token plus the "
+            f"classifier tokenizer's special tokens), got {max_classifier_tokens!r}."
+        )
+    if use_prefix_cache:
+        raise ValueError(
+            f"`max_classifier_tokens`={max_classifier_tokens} truncates the start of the text, which the prefix "
+            "cache of a causal classifier cannot do; pass `use_cache=False` to truncate."
+        )
 
-    ``...ForSequenceClassification`` heads over decoders (GPT-2, Llama, ...) read the last token that is not
-    ``config.pad_token_id`` (the first token when all are). A decoder's hidden state there depends only on the tokens
-    up to it, so cutting the sequence after it gives the same class logits read at its last token. It matters when a
-    candidate is the pad token, e.g. EOS for GPT-2 classifiers whose pad token is EOS.
+
+def _sequence_pad_token_id(classifier, classifier_tokenizer, packable: bool) -> int:
+    """The id that right-pads whole sequences for the classifier's own forward.
+
+    A decoder's own head reads the last token that is not its config's pad id, so padding must use that id (e.g. EOS
+    for GPT-2 classifiers, whatever the tokenizer's pad token is).
     """
-    if pad_token_id is None or not ids or ids[-1] != pad_token_id:
-        return ids
-    end = len(ids)
-    while end > 1 and ids[end - 1] == pad_token_id:
-        end -= 1
-    return ids[:end]
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if not is_decoder_classifier(classifier) or packable:
+        return classifier_tokenizer.pad_token_id
+    pad_token_id = classifier.config.get_text_config().pad_token_id
+    if pad_token_id is None:
+        raise ValueError(
+            f"`classifier` ({classifier.config.model_type}) is run through its own forward on padded batches, "
+            "where its head finds each sequence's last token by `classifier.config.pad_token_id`, which is "
+            "None; set it, e.g. `classifier.config.pad_token_id = classifier_tokenizer.pad_token_id`."
+        )
+    return pad_token_id
 
 
 def _attribute_log_prob(logits: torch.Tensor, target: int, activation: str, invert: bool) -> torch.Tensor:
@@ -105,59 +120,6 @@ def _attribute_log_prob(logits: torch.Tensor, target: int, activation: str, inve
     others = logits.clone()
     others[:, target] = float("-inf")
     return torch.logsumexp(others, dim=-1) - log_norm  # log(1 - p) = log(sum of the other classes' mass)
-
-
-def _is_causal_classifier(classifier) -> bool:
-    """A sequence-classification head (``score``) over a decoder, as in GPT2/LlamaForSequenceClassification, whose
-    decoder takes what the packed candidate forward needs: custom 4D masks (``sdpa`` or ``eager`` attention) and
-    explicit ``position_ids``, with full attention in every layer (the 4D mask replaces a sliding window's).
-    ALiBi decoders (Bloom, MPT, Falcon with ``alibi``) derive positions from the mask instead. Other decoders go
-    through the classifier's own forward."""
-    config = classifier.config
-    return (
-        _is_decoder_classifier(classifier)
-        and getattr(config, "_attn_implementation", "eager") in ("sdpa", "eager")
-        and "position_ids" in inspect.signature(classifier.base_model.forward).parameters
-        and not getattr(config, "alibi", False)
-        and _full_attention_only(config)
-    )
-
-
-def _is_decoder_classifier(classifier) -> bool:
-    """A ``score`` head over a decoder: HF reads its class logits at the last token that is not ``config.pad_token_id``."""
-    return classifier.config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and isinstance(
-        getattr(classifier, "score", None), nn.Linear
-    )
-
-
-def _full_attention_only(config) -> bool:
-    """Full attention in every layer (no sliding window)."""
-    config = config.get_text_config()
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        return False
-    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
-
-
-class _RowCache:
-    """Keys/values of one row's classifier prefix: ``ids`` and per layer ``(k, v)`` of shape ``[H, len(ids), D]``."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def crop(self, length: int) -> None:
-        self.ids = self.ids[:length]
-        self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
-
-
-def _left_padded(owner: "_RowCache | None", layer: int, j: int, P: int, like) -> torch.Tensor:
-    """A row cache's keys (``j=0``) or values (``j=1``) of ``layer``, left-padded with zeros to ``P`` positions."""
-    if owner is None or not owner.ids:  # no past: all padding (masked out)
-        ref = like[layer][j]
-        return ref.new_zeros(ref.shape[0], P, ref.shape[2])
-    x = owner.layers[layer][j]  # (H, len, D)
-    return nn.functional.pad(x, (0, 0, P - x.shape[1], 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,22 +235,10 @@ class CAIFLogitsProcessor(LogitsProcessor):
                 "`classifier_tokenizer.pad_token = classifier_tokenizer.eos_token`."
             )
         self.target_label = _resolve_target_label(classifier.config, target_label)
-        self.is_causal_classifier = _is_causal_classifier(classifier)
+        self.is_causal_classifier = is_packable_decoder_classifier(classifier)
         self.use_prefix_cache = self.is_causal_classifier and use_cache
         if max_classifier_tokens is not None:
-            min_tokens = 1 + classifier_tokenizer.num_special_tokens_to_add()
-            if isinstance(max_classifier_tokens, bool) or not isinstance(max_classifier_tokens, int) or (
-                max_classifier_tokens < min_tokens
-            ):
-                raise ValueError(
-                    f"`max_classifier_tokens` must be None or an integer >= {min_tokens} (one token plus the "
-                    f"classifier tokenizer's special tokens), got {max_classifier_tokens!r}."
-                )
-            if self.use_prefix_cache:
-                raise ValueError(
-                    f"`max_classifier_tokens`={max_classifier_tokens} truncates the start of the text, which the prefix "
-                    "cache of a causal classifier cannot do; pass `use_cache=False` to truncate."
-                )
+            _check_max_classifier_tokens(max_classifier_tokens, classifier_tokenizer, self.use_prefix_cache)
         if classifier.training:
             logger.warning("The CAIF classifier is in training mode (dropout on); call `classifier.eval()`.")
 
@@ -309,17 +259,12 @@ class CAIFLogitsProcessor(LogitsProcessor):
             classifier_tokenizer.truncation_side = "left"
         self.classifier_tokenizer = classifier_tokenizer
         self._classifier_pad_token_id = classifier.config.get_text_config().pad_token_id
-        # A decoder's own head reads the last token that is not its config's pad id, so right padding must use that id.
-        self._sequence_pad_token_id = classifier_tokenizer.pad_token_id
-        if _is_decoder_classifier(classifier) and not self.is_causal_classifier:
-            if self._classifier_pad_token_id is None:
-                raise ValueError(
-                    f"`classifier` ({classifier.config.model_type}) is run through its own forward on padded batches, "
-                    "where its head finds each sequence's last token by `classifier.config.pad_token_id`, which is "
-                    "None; set it, e.g. `classifier.config.pad_token_id = classifier_tokenizer.pad_token_id`."
-                )
-            self._sequence_pad_token_id = self._classifier_pad_token_id
-        self._row_caches: list[_RowCache] = []
+        self._sequence_pad_token_id = _sequence_pad_token_id(classifier, classifier_tokenizer, self.is_causal_classifier)
+        self._decoder = (
+            PrefixCachedDecoder(classifier, classifier_tokenizer.pad_token_id, classifier_batch_size)
+            if self.is_causal_classifier
+            else None
+        )
 
     # --- classifier inputs ------------------------------------------------------------------------------------------
 
@@ -360,119 +305,6 @@ class CAIFLogitsProcessor(LogitsProcessor):
             outputs.append(self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits.float())
         return torch.cat(outputs)
 
-    def _decoder_logits(
-        self, blocks: list[list[int]], owners: list[_RowCache | None], past_lengths: list[int], keep_cache: bool = False
-    ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
-        """Run a causal classifier on ``blocks`` of new tokens, block ``n`` continuing the first ``past_lengths[n]``
-        tokens of ``owners[n]`` (``None``: no past).
-
-        Blocks that continue the same row cache are packed into one sequence after that row's past, and a 4D mask
-        lets each block see only its own past and its own earlier tokens, so a row's candidates share one copy of
-        its keys/values instead of one each.
-
-        Returns the class logits at each block's last token ``[N, L]`` and, with ``keep_cache``, each block's new
-        per-layer keys/values ``[H, len(block), D]``.
-        """
-        logits, new_layers = [], []
-        for start in range(0, len(blocks), self.classifier_batch_size):
-            chunk = range(start, min(start + self.classifier_batch_size, len(blocks)))
-            # 1. Pack: one sequence per row cache (blocks of the same owner are consecutive), one per block without.
-            sequences: list[list[int]] = []  # block indices per packed sequence
-            for n in chunk:
-                if owners[n] is not None and sequences and owners[sequences[-1][0]] is owners[n]:
-                    sequences[-1].append(n)
-                else:
-                    sequences.append([n])
-            out, P, offsets = self._packed_forward(sequences, blocks, owners, past_lengths, keep_cache)
-            # 2. The head at each block's last token, and each block's new keys/values.
-            where = torch.tensor(
-                [(r, offsets[n] + len(blocks[n]) - 1) for r, seq in enumerate(sequences) for n in seq],
-                device=self.classifier.device,
-            )
-            hidden = out.last_hidden_state[where[:, 0], where[:, 1]]  # (N, hidden)
-            logits.append(self.classifier.score(hidden).float())
-            if keep_cache:
-                for r, seq in enumerate(sequences):
-                    for n in seq:
-                        span = slice(P + offsets[n], P + offsets[n] + len(blocks[n]))
-                        new_layers.append([(layer.keys[r, :, span], layer.values[r, :, span]) for layer in out.cache.layers])
-        return torch.cat(logits), new_layers
-
-    def _packed_forward(self, sequences, blocks, owners, past_lengths, keep_cache):
-        """One forward of the classifier's decoder over packed sequences (see :meth:`_decoder_logits`).
-
-        Returns the decoder output, the padded past length ``P`` and each block's offset in its sequence.
-        """
-        device, dtype = self.classifier.device, self.classifier.dtype
-        R = len(sequences)
-        pasts = [len(owners[seq[0]].ids) if owners[seq[0]] is not None else 0 for seq in sequences]
-        offsets, query_block, query_past, query_pos = {}, [], [], []
-        for r, seq in enumerate(sequences):
-            qb, qp, qpos, q = [], [], [], 0
-            for n in seq:
-                offsets[n] = q
-                L, m = past_lengths[n], len(blocks[n])
-                qb += [n] * m
-                qp += [L] * m
-                qpos += list(range(L, L + m))
-                q += m
-            query_block.append(qb)
-            query_past.append(qp)
-            query_pos.append(qpos)
-        P, Q = max(pasts), max(len(qb) for qb in query_block)
-
-        def padded(rows, fill):  # (R, Q), right-padded
-            return torch.tensor([row + [fill] * (Q - len(row)) for row in rows], device=device)
-
-        block_id, past_len, position_ids = padded(query_block, -1), padded(query_past, 0), padded(query_pos, 0)
-        input_ids = padded([[t for n in seq for t in blocks[n]] for seq in sequences], self.classifier_tokenizer.pad_token_id)
-        # 4D mask (R, 1, Q, P + Q). Past key j of row r (left-padded by P - pasts[r]) is visible to a query whose block
-        # continues the first L past tokens iff j - (P - pasts[r]) < L; new key k is visible iff same block and k <= q.
-        # A padding query sees only itself, so no row of the mask is empty.
-        past_index = torch.arange(P, device=device) - (P - torch.tensor(pasts, device=device))[:, None]  # (R, P)
-        see_past = (past_index[:, None, :] >= 0) & (past_index[:, None, :] < past_len[:, :, None])  # (R, Q, P)
-        q_index = torch.arange(Q, device=device)
-        causal = q_index[None, :, None] >= q_index[None, None, :]
-        same_block = block_id[:, :, None] == block_id[:, None, :]
-        see_new = (same_block & causal & (block_id[:, :, None] >= 0)) | torch.eye(Q, dtype=torch.bool, device=device)
-        allowed = torch.cat([see_past, see_new], dim=-1)[:, None]  # (R, 1, Q, P + Q)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        cache = None
-        if P > 0:
-            like = next(owners[seq[0]] for seq, L in zip(sequences, pasts) if L > 0).layers
-            cache = DynamicCache([
-                tuple(torch.stack([_left_padded(owners[seq[0]], layer, j, P, like) for seq in sequences]) for j in (0, 1))
-                for layer in range(len(like))
-            ])  # per layer (R, H, P, D)
-        out = self.classifier.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
-            use_cache=keep_cache or cache is not None,
-        )
-        return out, P, offsets
-
-    def _sync_prefix_caches(self, batch_size: int, rows: list[int], prefixes: list[list[int]]) -> None:
-        """Bring each row's cache to its current prefix: keep the common part, encode only the rest."""
-        if len(self._row_caches) != batch_size:  # another batch shape: a new generation
-            self._row_caches = [_RowCache() for _ in range(batch_size)]
-        blocks, owners, lengths = [], [], []
-        for row, prefix in zip(rows, prefixes):
-            cache = self._row_caches[row]
-            keep = _common_prefix_length(cache.ids, prefix)  # < len(cache.ids) when a new generation started
-            cache.crop(keep)
-            if keep < len(prefix):
-                blocks.append(prefix[keep:])
-                owners.append(cache)
-                lengths.append(keep)
-        if not blocks:
-            return
-        _, new_layers = self._decoder_logits(blocks, owners, lengths, keep_cache=True)
-        for cache, block, layers in zip(owners, blocks, new_layers):
-            cache.layers = layers if not cache.layers else [
-                (torch.cat([k, k_new], dim=1), torch.cat([v, v_new], dim=1))
-                for (k, v), (k_new, v_new) in zip(cache.layers, layers)
-            ]
-            cache.ids = cache.ids + block
-
     def _classifier_log_probs(
         self, batch_size: int, rows: list[int], prefixes: list[list[int]], candidates: list[list[int]]
     ) -> torch.Tensor:
@@ -480,16 +312,16 @@ class CAIFLogitsProcessor(LogitsProcessor):
         sequences, owners, lengths = [], [], []
         if self.use_prefix_cache:
             prefix_ids = [self._prefix_sequence(p) for p in prefixes]
-            self._sync_prefix_caches(batch_size, rows, prefix_ids)
+            self._decoder.sync(batch_size, rows, prefix_ids)
         for i, (row, prefix, cands) in enumerate(zip(rows, prefixes, candidates)):
             row_sequences = self._candidate_sequences(prefix, cands)
-            if self.is_causal_classifier:  # read where the classifier's own head reads (see _cut_after_last_non_pad)
-                row_sequences = [_cut_after_last_non_pad(s, self._classifier_pad_token_id) for s in row_sequences]
+            if self.is_causal_classifier:  # read where the classifier's own head reads (see cut_after_last_non_pad)
+                row_sequences = [cut_after_last_non_pad(s, self._classifier_pad_token_id) for s in row_sequences]
             sequences.extend(row_sequences)
             if self.use_prefix_cache:
                 for s in row_sequences:  # reuse the cached prefix up to the first differing token, keep >= 1 new token
-                    owners.append(self._row_caches[row])
-                    shared = len(prefix_ids[i]) if self.same_tokenizer else _common_prefix_length(prefix_ids[i], s)
+                    owners.append(self._decoder.row_caches[row])
+                    shared = len(prefix_ids[i]) if self.same_tokenizer else common_prefix_length(prefix_ids[i], s)
                     lengths.append(min(shared, len(s) - 1))
         log_probs = torch.zeros(len(sequences))
         scored = [n for n, s in enumerate(sequences) if s]  # an empty text has nothing to judge: no re-weighting
@@ -497,9 +329,9 @@ class CAIFLogitsProcessor(LogitsProcessor):
             return log_probs
         if self.use_prefix_cache:
             blocks = [sequences[n][lengths[n] :] for n in scored]
-            logits, _ = self._decoder_logits(blocks, [owners[n] for n in scored], [lengths[n] for n in scored])
+            logits, _ = self._decoder.logits(blocks, [owners[n] for n in scored], [lengths[n] for n in scored])
         elif self.is_causal_classifier:
-            logits, _ = self._decoder_logits([sequences[n] for n in scored], [None] * len(scored), [0] * len(scored))
+            logits, _ = self._decoder.logits([sequences[n] for n in scored], [None] * len(scored), [0] * len(scored))
         else:
             logits = self._sequence_logits([sequences[n] for n in scored])
         log_probs[scored] = _attribute_log_prob(logits, self.target_label, self.activation, self.invert).cpu()
