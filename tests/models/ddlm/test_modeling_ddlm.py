@@ -49,6 +49,10 @@ def test_config_round_trip_and_errors(tmp_path):
         tiny_config(self_conditioning_rate=1.5)
     with pytest.raises(ValueError, match="num_attention_heads"):
         tiny_config(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match="time_warp_bins"):
+        tiny_config(time_warp_bins=0)
+    with pytest.raises(ValueError, match=r"`prefix_mask_rate` \+ `span_mask_rate` must be <= 1, got 0.6 \+ 0.5"):
+        tiny_config(prefix_mask_rate=0.6, span_mask_rate=0.5)
 
 
 def test_embeddings_are_normalized_and_x0_hat_is_softmax_times_E(model):
