@@ -180,6 +180,7 @@ def main(argv=None) -> dict:
     save_model_card(
         out / "model", "palbert", base_model=None if args.tiny else args.model, model_name=out.name,
         num_steps=num_steps, prior_lambda=config.prior_lambda, beta=config.beta, exit_threshold=config.exit_threshold,
+        lambda_head=config.lambda_head,
     )
     reloaded = AutoModelForSequenceClassification.from_pretrained(out / "model")
     results["reloaded_class"] = type(reloaded).__name__
