@@ -135,7 +135,7 @@ class DDLMPipeline(DiffusionPipeline):
     def __call__(
         self,
         num_samples: int = 1,
-        length: int = 64,
+        length: int | None = None,
         num_inference_steps: int = 200,
         prompt: str | list[str] | None = None,
         early_exit: str | None = None,
@@ -149,8 +149,9 @@ class DDLMPipeline(DiffusionPipeline):
         Args:
             num_samples (`int`, defaults to 1):
                 Samples per prompt (or in all, without a prompt).
-            length (`int`, defaults to 64):
-                Tokens per sample, prompt included; at most the model's `max_position_embeddings`.
+            length (`int`, *optional*):
+                Tokens per sample, prompt included; at most, and by default, the model's `max_position_embeddings`
+                (DDLM and CDCD: 64).
             num_inference_steps (`int`, defaults to 200):
                 Euler steps (CDCD samples with 200), placed by the model's time warp.
             prompt (`str` or `list[str]`, *optional*):
@@ -176,6 +177,7 @@ class DDLMPipeline(DiffusionPipeline):
         # 1. check inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        length = self.model.config.max_position_embeddings if length is None else length
         self.check_inputs(num_samples, length, num_inference_steps, prompt, early_exit, callback_on_step_end_tensor_inputs)
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         prompt_ids = self._encode_prompts(prompt, length)

@@ -51,6 +51,7 @@ def test_deterministic_given_a_generator(pipe):
     assert not torch.equal(first.sequences, other.sequences)
     texts, sequences, steps_used = _run(pipe, seed=3, return_dict=False)
     assert texts == first.texts and torch.equal(sequences, first.sequences) and torch.equal(steps_used, first.steps_used)
+    assert _run(pipe, length=None).sequences.shape == (4, 16)  # the model's max_position_embeddings
 
 
 def test_full_run_matches_a_plain_euler_loop(pipe):
