@@ -50,7 +50,9 @@ class TRDPOConfig(DPOConfig):
             optimizer steps, `θ_ref ← θ`.
         alpha (`float`, *optional*, defaults to `0.6`):
             α of the soft update, in (0, 1]; the paper's best values are 0.5 to 0.6. Used when
-            `ref_update="soft"`.
+            `ref_update="soft"`. Applied every step, the reference is an exponential moving average of the
+            policy that trails it by (1 − α)/α optimizer steps on average (0.67 at α = 0.6); for short
+            runs a smaller α keeps a longer-lived trust region.
         tau (`int`, *optional*, defaults to `512`):
             τ of the hard update: optimizer steps between two copies, >= 1 (the paper uses 512). Used when
             `ref_update="hard"`.
@@ -527,6 +529,9 @@ class TRDPOTrainer(DPOTrainer):
     - PEFT (LoRA): pass `peft_config` or a `PeftModel` and no `ref_model`; the reference is the adapter
       `"ref"`, started as a copy of the policy's ΔW.
     - FSDP is not supported.
+    - Memory: a bf16/fp16 full reference gets an fp32 master copy (4 bytes per parameter, on the CPU of
+      rank 0 under ZeRO-3) so that small α steps are not rounded away; an fp32 reference needs none. A
+      LoRA reference keeps fp32 factors of rank `ref_adapter_rank`.
 
     Args:
         model: the policy, as for `DPOTrainer` (a Hub id, a `PreTrainedModel` or a `PeftModel`).
