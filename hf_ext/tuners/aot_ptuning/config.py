@@ -30,15 +30,16 @@ class AoTPTuningConfig(PeftConfig):
 
     What the paper's text confirms (read: the abstract, §1 with the Figure 2 caption and the contribution list of
     the ICLR 2023 submission, OpenReview 8IBtyLQ8GKw; arXiv 2305.10835 abstract): input-dependent biases are added
-    to the input sequence before evaluating each Transformer layer, without growing the sequence, so that tasks
-    can share one batch; the two reparametrizations are "a factorized matrix trained from scratch" (here
-    `"kronecker"`) and "the LM's embedding matrix passed through a trainable fully connected network" (`"fc"`);
-    results are in §4.2 (GLUE/SuperGLUE, RoBERTa-Base/Large, DeBERTa-XL) and inference speed in §4.3.
+    to the input sequence before evaluating each Transformer layer (so the first one too), without growing the
+    sequence, so that tasks can share one batch; the two reparametrizations are "based on a factorized matrix
+    trained from scratch" (here `"kronecker"`) and "based on a LM's embeddings matrix passed through a trainable
+    Fully Connected network" (`"fc"`); results are in §4.2 (GLUE/SuperGLUE, RoBERTa-Base/Large, DeBERTa-XL) and
+    inference speed in §4.3.
 
-    NOT VERIFIED (the method section (§3) and the hyper-parameter tables could not be read; see PAPERS.md): the
-    exact formulas above (the Kronecker factor shapes with ``a = b = ceil(sqrt(|V|))``, the FC biases ``b1, b2``
-    and ``f`` = ReLU); that every layer has its own reparametrization weights; that the first layer gets a bias
-    too; the initialisation (here the last factor of each reparametrization, ``W2_l, b2_l``, ``WR_l`` or the raw
+    NOT VERIFIED (the method section, §3 by the numbering around it, and the hyper-parameter tables could not be
+    read; see PAPERS.md): the exact formulas above (the Kronecker factor shapes with ``a = b = ceil(sqrt(|V|))``,
+    the FC biases ``b1, b2`` and ``f`` = ReLU); that every layer has its own reparametrization weights; the
+    initialisation (here the last factor of each reparametrization, ``W2_l, b2_l``, ``WR_l`` or the raw
     table, starts at zero so that the adapted model starts as the base model); and the defaults below (256, 16),
     which are ours, not the paper's.
 

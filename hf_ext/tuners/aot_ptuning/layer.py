@@ -103,7 +103,7 @@ class AoTTokenIds:
 class AoTFCTable(nn.Module):
     """FC reparametrization ``P = relu(E W1 + b1) W2 + b2`` over the frozen input embeddings ``E``.
 
-    The paper (§1, contributions) passes the LM's embedding matrix through a trainable fully connected network;
+    The paper (§1, contributions) passes "a LM's embeddings matrix" through "a trainable Fully Connected network";
     the formula's details are NOT VERIFIED (its §3 was not readable): the biases, ``f`` = ReLU, and the init.
     Our choices: ``W2`` and ``b2`` start at zero, so ``P = 0`` and the adapted
     model starts as the base model; ``W1`` starts from N(0, 1 / (d_emb · var(E))), so that the columns of ``E W1``
