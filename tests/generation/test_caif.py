@@ -257,6 +257,22 @@ def test_unpackable_decoder_runs_its_own_forward_and_needs_a_config_pad_id(tok, 
     _assert_same_scores(proc(batch.input_ids, scores), caif_reference_scores(batch.input_ids, scores, **kwargs))
 
 
+def test_prefix_cache_encodes_only_each_steps_new_tokens(tok, lm, gpt2_cls):
+    """After the first step, a step feeds the decoder one new prefix token per row, then one token per candidate."""
+    shapes = []
+    hook = gpt2_cls.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        proc = CAIFLogitsProcessor(gpt2_cls, tok, tok, target_label=1, alpha=2.0, top_k=12)
+        _greedy_steps(lm, tok, PROMPTS, [proc], steps=3)
+    finally:
+        hook.remove()
+    prompt_length = max(len(ids) for ids in tok(PROMPTS).input_ids)
+    # step 1: the prompts, then 12 one-token candidates packed per row; steps 2-3: 1 token per row, 12 per row
+    assert shapes == [(3, prompt_length), (3, 12), (3, 1), (3, 12), (3, 1), (3, 12)]
+
+
 def test_bridge_with_retokenizing_classifier_tokenizer(tok, lm):
     """LM: word-level tokenizer; classifier: cross-word BPE. Cached, full and reference agree."""
     bpe = _bpe_tokenizer()
@@ -452,3 +468,9 @@ def test_bad_arguments_raise(tok, roberta, gpt2_cls):
         CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, entropy_threshold=-1.0)
     with pytest.raises(ValueError, match="`max_classifier_tokens`=4.*use_cache=False"):
         CAIFLogitsProcessor(gpt2_cls, tok, tok, 1, 1.0, max_classifier_tokens=4)
+    with pytest.raises(ValueError, match="`max_classifier_tokens` must be None or an integer >= 1.*0"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, max_classifier_tokens=0)
+    with pytest.raises(ValueError, match="`classifier_batch_size` must be a positive integer.*0"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, 1.0, classifier_batch_size=0)
+    with pytest.raises(TypeError, match="`alpha` must be a float.*'strong'"):
+        CAIFLogitsProcessor(roberta, tok, tok, 1, "strong")
