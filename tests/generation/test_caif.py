@@ -15,8 +15,8 @@ PROMPTS = ["the movie was", "this book seemed really", "the food"]  # different 
 
 
 def _tiny_gpt2_classifier(tokenizer, seed=1, **overrides):
-    """A random 2-layer GPT2ForSequenceClassification. No config pad id: the HF head then reads the last token,
-    which is what the processor reads (the reference calls the head on unpadded sequences)."""
+    """A random 2-layer GPT2ForSequenceClassification. No config pad id: the HF head then reads the last token (the
+    pad = EOS case has its own test)."""
     config = GPT2Config(
         n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=len(tokenizer), num_labels=2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None, **overrides,
@@ -255,6 +255,21 @@ def test_unpackable_decoder_runs_its_own_forward_and_needs_a_config_pad_id(tok, 
     scores = torch.randn(len(PROMPTS), len(tok))
     scores[:, tok.eos_token_id] = 10.0
     _assert_same_scores(proc(batch.input_ids, scores), caif_reference_scores(batch.input_ids, scores, **kwargs))
+
+
+def test_prefix_cache_follows_rows_the_entropy_gate_skipped(tok, lm, gpt2_cls):
+    """Gated rows skip the cache update; when a later step re-scores them, the cache catches up on several tokens."""
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    log_p = torch.log_softmax(_lm_scores(lm, batch.input_ids, batch.attention_mask), -1)
+    threshold = (-(log_p.exp() * log_p).sum(-1)).median().item()  # the first step gates about half the rows
+    kwargs = dict(classifier=gpt2_cls, classifier_tokenizer=tok, lm_tokenizer=tok, target_label=1, alpha=3.0, top_k=8,
+                  entropy_threshold=threshold)
+    (cached, full), _ = _greedy_steps(lm, tok, PROMPTS, [CAIFLogitsProcessor(**kwargs),
+                                                         CAIFLogitsProcessor(**kwargs, use_cache=False)], steps=6)
+    gated = torch.stack([out.isfinite().all(-1) for out in full])  # (steps, rows): a gated row keeps every token
+    assert gated.any() and not gated.all()
+    for x, y in zip(cached, full):
+        _assert_same_scores(x, y)
 
 
 def test_prefix_cache_encodes_only_each_steps_new_tokens(tok, lm, gpt2_cls):
