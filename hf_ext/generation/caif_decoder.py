@@ -98,13 +98,13 @@ class PrefixCachedDecoder:
     Args:
         classifier (`PreTrainedModel`): a classifier for which :func:`is_packable_decoder_classifier` holds.
         pad_token_id (`int`): fills the packed input ids past each sequence's end (masked out).
-        batch_size (`int`): most blocks per forward.
+        max_blocks (`int`): most blocks per forward (the processor's `classifier_batch_size`).
     """
 
-    def __init__(self, classifier, pad_token_id: int, batch_size: int):
+    def __init__(self, classifier, pad_token_id: int, max_blocks: int):
         self.classifier = classifier
         self.pad_token_id = pad_token_id
-        self.batch_size = batch_size
+        self.max_blocks = max_blocks
         self.row_caches: list[RowCache] = []
 
     def logits(
@@ -121,8 +121,8 @@ class PrefixCachedDecoder:
         per-layer keys/values ``[H, len(block), D]``.
         """
         logits, new_layers = [], []
-        for start in range(0, len(blocks), self.batch_size):
-            chunk = range(start, min(start + self.batch_size, len(blocks)))
+        for start in range(0, len(blocks), self.max_blocks):
+            chunk = range(start, min(start + self.max_blocks, len(blocks)))
             # 1. Pack: one sequence per row cache (blocks of the same owner are consecutive), one per block without.
             sequences: list[list[int]] = []  # block indices per packed sequence
             for n in chunk:
@@ -197,14 +197,15 @@ class PrefixCachedDecoder:
         )
         return out, P, offsets
 
-    def sync(self, batch_size: int, rows: list[int], prefixes: list[list[int]]) -> None:
-        """Bring each row's cache to its current prefix: keep the common part, encode only the rest."""
-        if len(self.row_caches) != batch_size:  # another batch shape: a new generation
-            self.row_caches = [RowCache() for _ in range(batch_size)]
+    def sync(self, num_rows: int, rows: list[int], prefixes: list[list[int]]) -> None:
+        """Bring the caches of ``rows`` (out of ``num_rows``) to their current prefixes: keep the common part, encode
+        only the rest."""
+        if len(self.row_caches) != num_rows:  # another batch shape: a new generation
+            self.row_caches = [RowCache() for _ in range(num_rows)]
         blocks, owners, lengths = [], [], []
         for row, prefix in zip(rows, prefixes):
             cache = self.row_caches[row]
-            keep = common_prefix_length(cache.ids, prefix)  # < len(cache.ids) when a new generation started
+            keep = common_prefix_length(cache.ids, prefix)  # < len(cache.ids) after a new generation or a beam reorder
             cache.crop(keep)
             if keep < len(prefix):
                 blocks.append(prefix[keep:])
