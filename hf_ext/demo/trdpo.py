@@ -68,6 +68,7 @@ def _evaluate(policy, initial, tokenizer, prompts, seed: int) -> tuple[float, fl
     sequences = policy.generate(
         **batch,
         do_sample=True,
+        top_k=0,  # sample from π itself (generate's default top-k 50 would truncate it), so the KL below is π's
         max_new_tokens=_NEW_TOKENS,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
