@@ -292,7 +292,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
 
     def _sequence_logits(self, sequences: list[list[int]]) -> torch.Tensor:
         """Class logits ``[N, L]`` of whole sequences through the classifier's own forward and head, right-padded, in
-        chunks of ``classifier_batch_size`` (bidirectional classifiers)."""
+        chunks of ``classifier_batch_size`` (bidirectional classifiers, and decoders that cannot be packed)."""
         device, pad_id = self.classifier.device, self._sequence_pad_token_id
         outputs = []
         for start in range(0, len(sequences), self.classifier_batch_size):
