@@ -277,7 +277,11 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             start = rows.stop
             if adapter_name not in self.aot_reparam:
                 bias[rows] = 0  # "__base__", or an adapter that does not target this layer
-            elif (table := self._collapsed_table(adapter_name)) is not None and table.dtype == bias.dtype:
+            elif (
+                (table := self._collapsed_table(adapter_name)) is not None
+                and table.dtype == bias.dtype
+                and not bias.requires_grad  # an earlier run wrote a graph into `bias`; out= cannot extend it
+            ):
                 torch.index_select(table, 0, token_ids[rows].reshape(-1), out=bias[rows].view(-1, bias.shape[-1]))
             else:
                 bias[rows] = self.bias(adapter_name, token_ids[rows]).to(bias.dtype)

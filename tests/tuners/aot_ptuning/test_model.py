@@ -248,6 +248,26 @@ def test_mixed_batch_equals_each_example_alone():
     assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
 
 
+def test_mixed_batch_with_grad_enabled_mixes_a_trainable_and_a_collapsed_adapter():
+    # "sst2" is active (trainable: its reparametrization runs, with a graph); "mnli" is inactive, so its collapsed
+    # table is used. The table's gather must not write into the graph-carrying output in place.
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    randomize_adapter(model, "sst2", 1)
+    randomize_adapter(model, "mnli", 2)
+    model.eval()
+    model.base_model.collapse()
+    ids = random_ids(batch=3)
+    names = ["sst2", "mnli", "__base__"]
+    logits = model(input_ids=ids, adapter_names=names).logits
+    logits.sum().backward()
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(logits.detach(), expected)
+    trainable = [p for n, p in model.named_parameters() if "aot_reparam.sst2" in n]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
 def test_mixed_batch_head_routing_is_undone_after_errors_and_keeps_an_existing_forward():
     model = make_peft("roberta", "fc")
     head = next(m for m in model.modules() if isinstance(m, ModulesToSaveWrapper))
