@@ -1,0 +1,43 @@
+"""The usage snippets in README.md run as written (offline, in a scratch folder)."""
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+_RUNNER = textwrap.dedent(
+    """
+    import json, sys, traceback
+    failures = []
+    for i, code in enumerate(json.load(open(sys.argv[1]))):
+        try:
+            exec(compile(code, f"README snippet {i}", "exec"), {"__name__": f"readme_{i}"})
+        except Exception:
+            failures.append(f"snippet {i}:\\n{code}\\n{traceback.format_exc()}")
+    print("\\n\\n".join(failures))
+    sys.exit(1 if failures else 0)
+    """
+)
+
+
+def usage_snippets() -> list[str]:
+    usage = README.read_text(encoding="utf-8").split("## Usage", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", usage, flags=re.S)
+
+
+def test_readme_has_a_snippet_per_method():
+    assert len(usage_snippets()) == 8
+
+
+def test_readme_snippets_run(tmp_path):
+    import json
+
+    (tmp_path / "snippets.json").write_text(json.dumps(usage_snippets()))
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, "snippets.json"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
