@@ -24,18 +24,9 @@ from peft import PeftModel, get_peft_model
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from hf_ext import AoTPTuningConfig
+from hf_ext.data.glue import GLUE_TASKS as ALL_GLUE_TASKS
 
-# GLUE task -> (text columns, number of labels, evaluation split); STS-B (regression) is left out.
-GLUE_TASKS = {
-    "cola": (("sentence",), 2, "validation"),
-    "sst2": (("sentence",), 2, "validation"),
-    "mrpc": (("sentence1", "sentence2"), 2, "validation"),
-    "qqp": (("question1", "question2"), 2, "validation"),
-    "mnli": (("premise", "hypothesis"), 3, "validation_matched"),
-    "qnli": (("question", "sentence"), 2, "validation"),
-    "rte": (("sentence1", "sentence2"), 2, "validation"),
-    "wnli": (("sentence1", "sentence2"), 2, "validation"),
-}
+GLUE_TASKS = {task: spec for task, spec in ALL_GLUE_TASKS.items() if spec[1] > 1}  # STS-B (regression) is left out
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -33,18 +33,7 @@ from transformers import (
 )
 
 from hf_ext import PalbertForSequenceClassification, save_model_card
-
-# GLUE task -> (text columns, number of labels, evaluation split); num_labels 1 is regression.
-GLUE_TASKS = {
-    "cola": (("sentence",), 2, "validation"),
-    "sst2": (("sentence",), 2, "validation"),
-    "mrpc": (("sentence1", "sentence2"), 2, "validation"),
-    "qqp": (("question1", "question2"), 2, "validation"),
-    "stsb": (("sentence1", "sentence2"), 1, "validation"),
-    "mnli": (("premise", "hypothesis"), 3, "validation_matched"),
-    "qnli": (("question", "sentence"), 2, "validation"),
-    "rte": (("sentence1", "sentence2"), 2, "validation"),
-}
+from hf_ext.data.glue import GLUE_TASKS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
