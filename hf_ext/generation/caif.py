@@ -160,7 +160,8 @@ class CAIFLogitsProcessor(LogitsProcessor):
         classifier_tokenizer (`PreTrainedTokenizerBase`):
             The classifier's tokenizer. It must have a pad token (candidates are padded into batches).
         lm_tokenizer (`PreTrainedTokenizerBase`):
-            The LM's tokenizer; its `pad_token_id` marks the left padding of `input_ids`.
+            The LM's tokenizer; its `pad_token_id` marks the left padding of `input_ids` (processors get no
+            attention mask, so a prompt that itself starts with that token, e.g. GPT-2's EOS used as pad, loses it).
         target_label (`int` or `str`):
             The attribute `c`: a class index or a name from `classifier.config.id2label`.
         alpha (`float`):
