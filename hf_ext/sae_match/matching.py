@@ -14,8 +14,9 @@ Two solvers:
   block with float32 matrix products straight into the float64 array SciPy's
   ``linear_sum_assignment`` works on (so SciPy makes no copy); ``n^2 * 8`` bytes.
 - ``"sparse"``: for wide SAEs. For each feature of A its ``k`` best partners in B by inner product,
-  and for each feature of B its ``k`` best in A, computed block by block (the ``n x n`` matrix is never
-  held); then a min-cost full matching on that graph (``min_weight_full_bipartite_matching``). A
+  and for each feature of B its ``k`` best in A, ranked block by block with bfloat16 products (the
+  ``n x n`` matrix is never held); the costs of these candidate edges are then recomputed in float32,
+  and a min-cost full matching is found on that graph (``min_weight_full_bipartite_matching``). A
   fallback keeps the graph matchable: the features a maximum matching of the candidate graph leaves
   over are paired by a dense assignment among themselves, and those edges join the graph.
 """
@@ -169,42 +170,79 @@ def exact_assignment(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 
     return torch.from_numpy(cols).long()
 
 
-def topk_candidates(
-    a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int = 256 * 2**20
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidate pairs: each row's ``k`` nearest columns and each column's ``k`` nearest rows.
+def _candidate_dots(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """``<x_i, y_idx[i, j]>`` in float32 for ``[n, k]`` candidate indices, ``[n, k]``.
+
+    The candidate rows of ``y`` are gathered a chunk at a time into one reused buffer (a fresh
+    buffer per chunk costs more in page faults than the products themselves).
+    """
+    n, k = idx.shape
+    dim = x.shape[1]
+    out = torch.empty(n, k, device=x.device)
+    step = max(1, min(n, chunk_bytes // (4 * k * dim)))
+    buffer = torch.empty(step * k, dim, device=x.device)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        gathered = torch.index_select(y, 0, idx[start:stop].flatten(), out=buffer[: (stop - start) * k])
+        torch.bmm(gathered.view(stop - start, k, dim), x[start:stop, :, None], out=out[start:stop, :, None])
+    return out
+
+
+def _ranked_candidates(
+    a: torch.Tensor, b: torch.Tensor, k_row: int, k_col: int, block_bytes: int, rank_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of each row's ``k_row`` nearest columns ``[n_a, k_row]`` and each column's ``k_col`` nearest rows ``[n_b, k_col]``.
 
     Ranked by inner product corrected for norms: for row ``i``, ``<a_i, b_j> - ||b_j||^2 / 2`` (the
     same order as ``||a_i - b_j||^2``; a plain inner product would favour long vectors), and
-    symmetrically for columns. Computed over blocks of rows of A, so only a ``[rows, n_b]`` block of
-    inner products is held at a time.
-
-    Returns:
-        ``(rows, cols, dots)``: the unique candidate pairs sorted by row then column, and their inner
-        products ``<a_row, b_col>``; three ``[E]`` tensors.
+    symmetrically for columns, over blocks of rows of A, with the block products in ``rank_dtype``.
     """
     n_a, n_b = a.shape[0], b.shape[0]
-    k_row, k_col = min(k, n_b), min(k, n_a)
-    half_a_sq, half_b_sq = _squared_norms(a) / 2, _squared_norms(b) / 2
+    half_a_sq, half_b_sq = (_squared_norms(a) / 2).to(rank_dtype), (_squared_norms(b) / 2).to(rank_dtype)
+    a_rank, b_rank = a.to(rank_dtype), b.to(rank_dtype)
     row_idx = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
-    row_dot = torch.empty(n_a, k_row, device=a.device)
     col_val = torch.full((n_b, k_col), -torch.inf, device=a.device)  # running best rows of each column
     col_idx = torch.zeros(n_b, k_col, dtype=torch.long, device=a.device)
     step = _block_rows(n_b, block_bytes)
     for start in range(0, n_a, step):
         stop = min(start + step, n_a)
-        scores = (a[start:stop] @ b.T).sub_(half_b_sq[None, :])  # [rows, n_b]: <a_i, b_j> - |b_j|^2 / 2
-        val, idx = scores.topk(k_row, dim=1)
-        row_idx[start:stop], row_dot[start:stop] = idx, val + half_b_sq[idx]
-        # per column: <a_i, b_j> - |a_i|^2 / 2, ranked along contiguous rows of the transposed block
+        scores = (a_rank[start:stop] @ b_rank.T).sub_(half_b_sq[None, :])  # <a_i, b_j> - |b_j|^2 / 2
+        row_idx[start:stop] = scores.topk(k_row, dim=1).indices
+        # per column j the rows rank by <a_i, b_j> - |a_i|^2 / 2, or by that minus the constant
+        # |b_j|^2 / 2 (already subtracted); ranked along contiguous rows of the transposed block
         # (a top-k down the columns of a row-major block is several times slower)
-        scores = scores.add_(half_b_sq[None, :]).sub_(half_a_sq[start:stop, None]).T.contiguous()  # [n_b, rows]
+        scores = scores.sub_(half_a_sq[start:stop, None]).T.contiguous()  # [n_b, rows]: -|a_i - b_j|^2 / 2
         val, idx = scores.topk(min(k_col, stop - start), dim=1)
-        merged_val, merged_idx = torch.cat([col_val, val], dim=1), torch.cat([col_idx, idx + start], dim=1)
+        merged_val, merged_idx = torch.cat([col_val, val.float()], dim=1), torch.cat([col_idx, idx + start], dim=1)
         keep = merged_val.topk(k_col, dim=1).indices
         col_val, col_idx = merged_val.gather(1, keep), merged_idx.gather(1, keep)
         del scores
-    col_dot = col_val + half_a_sq[col_idx]
+    return row_idx, col_idx
+
+
+def topk_candidates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    k: int,
+    block_bytes: int = 256 * 2**20,
+    rank_dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate pairs: each row's ``k`` nearest columns and each column's ``k`` nearest rows.
+
+    The ``n_a x n_b`` products, the bulk of the work, only rank: they are computed in blocks (only a
+    ``[rows, n_b]`` block is held) in ``rank_dtype`` (bfloat16 by default, several times faster than
+    float32 on CPUs with bf16 matrix units; its rounding only reorders near ties deep in a list of
+    ``k``). The inner products of the candidate pairs that the matching then uses are recomputed
+    exactly, in float32.
+
+    Returns:
+        ``(rows, cols, dots)``: the unique candidate pairs sorted by row then column, and their float32
+        inner products ``<a_row, b_col>``; three ``[E]`` tensors.
+    """
+    n_a, n_b = a.shape[0], b.shape[0]
+    k_row, k_col = min(k, n_b), min(k, n_a)
+    row_idx, col_idx = _ranked_candidates(a, b, k_row, k_col, block_bytes, rank_dtype)
+    row_dot, col_dot = _candidate_dots(a, b, row_idx, block_bytes), _candidate_dots(b, a, col_idx, block_bytes)
     rows = torch.cat([torch.arange(n_a, device=a.device).repeat_interleave(k_row), col_idx.flatten()])
     cols = torch.cat([row_idx.flatten(), torch.arange(n_b, device=a.device).repeat_interleave(k_col)])
     keys, inverse = torch.unique(rows * n_b + cols, return_inverse=True)  # sorted, duplicates removed

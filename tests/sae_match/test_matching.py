@@ -44,12 +44,21 @@ def test_dense_cost_matrix_matches_float64_reference():
 
 def test_topk_candidates_match_brute_force():
     a, b = torch.randn(70, 6), torch.randn(70, 6)
-    rows, cols, dots = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9)  # 9-row blocks: exercises the merge
+    rows, cols, dots = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9, rank_dtype=torch.float32)  # 9-row blocks: exercises the merge
     torch.testing.assert_close(dots, (a[rows] * b[cols]).sum(1))
     dist = torch.cdist(a.double(), b.double())
     expected = {(i, int(j)) for i in range(70) for j in dist[i].topk(3, largest=False).indices}
     expected |= {(int(i), j) for j in range(70) for i in dist[:, j].topk(3, largest=False).indices}
     assert set(zip(rows.tolist(), cols.tolist())) == expected
+
+
+def test_bfloat16_ranking_keeps_float32_dots_and_the_nearest_pairs():
+    a, b = torch.randn(300, 48), torch.randn(300, 48)
+    b[:150] = a[:150] + 0.1 * torch.randn(150, 48)  # clear nearest partners for half the rows
+    rows, cols, dots = topk_candidates(a, b, k=4)  # default rank_dtype: bfloat16
+    torch.testing.assert_close(dots, (a[rows] * b[cols]).sum(1), rtol=1e-6, atol=1e-5)
+    assert {(i, i) for i in range(150)} <= set(zip(rows.tolist(), cols.tolist()))
+    assert rows.numel() >= 300 * 4
 
 
 def test_sparse_fallback_completes_an_unmatchable_graph():
@@ -72,9 +81,11 @@ def test_exact_and_sparse_agree_on_wide_planted_pairs():
     # 4096 features here (the 16k pair is in benchmarks/bench_sae_match.py)
     sae_a, sae_b, truth = planted_pair(n_features=4096, d_model=64, noise=0.5, seed=1)
     exact = match(sae_a, sae_b, method="exact")
-    sparse = match(sae_a, sae_b, method="sparse", k=16)
+    sparse = match(sae_a, sae_b, method="sparse", k=16)  # bfloat16 ranking, float32 edge costs
     assert exact.agreement(sparse) >= 0.99
+    assert torch.equal(sparse.permutation, exact.permutation)
     assert (exact.permutation == truth).double().mean() >= 0.99
+    torch.testing.assert_close(sparse.cost, exact.cost)
 
 
 def test_matching_of_a_permuted_copy_is_that_permutation():
