@@ -132,18 +132,25 @@ def _block_rows(n_columns: int, block_bytes: int) -> int:
 
 
 def _cost_block(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    """``(||a_i||^2 + ||b_j||^2 - 2 <a_i, b_j>) / D`` for a block of rows of A, float32, clamped at 0."""
-    return ((a_sq[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)) / a.shape[1]).clamp_min_(0.0)
+    """``(||a_i||^2 + ||b_j||^2 - 2 <a_i, b_j>) / D`` for a block of rows of A, float32, clamped at 0.
+
+    ``a_sq`` and ``b_sq`` are the squared norms already divided by ``D``; one fused matrix product
+    and in-place updates keep a single ``[rows, n_b]`` buffer alive.
+    """
+    block = torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0 / a.shape[1])
+    return block.add_(a_sq[:, None]).clamp_min_(0.0)
 
 
 def dense_cost_matrix(a: torch.Tensor, b: torch.Tensor, block_bytes: int = 256 * 2**20) -> np.ndarray:
     """The full ``[n_a, n_b]`` MSE cost matrix as a float64 numpy array, built in float32 blocks."""
-    a_sq, b_sq = _squared_norms(a), _squared_norms(b)
+    dim = a.shape[1]
+    a_sq, b_sq = _squared_norms(a) / dim, _squared_norms(b) / dim
     cost = np.empty((a.shape[0], b.shape[0]), dtype=np.float64)
+    cost_t = torch.from_numpy(cost)  # shares memory: each block is widened straight into place
     step = _block_rows(b.shape[0], block_bytes)
     for start in range(0, a.shape[0], step):
         stop = min(start + step, a.shape[0])
-        cost[start:stop] = _cost_block(a[start:stop], b, a_sq[start:stop], b_sq).cpu().numpy()
+        cost_t[start:stop].copy_(_cost_block(a[start:stop], b, a_sq[start:stop], b_sq).cpu())
     return cost
 
 
