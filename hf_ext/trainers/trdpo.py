@@ -19,7 +19,8 @@ What this adds to TRL's ``sync_ref_model`` (which has one rule mixing both):
 4. Numerics: parameters are paired by name (any mismatch is a ValueError) and mixed in fp32; when the
    reference is stored in bf16/fp16, an fp32 master copy keeps small α steps from being rounded away.
 5. ``precompute_ref_log_probs=True`` is refused: precomputed log-probs belong to one fixed reference.
-6. ``ref/distance`` (‖θ − θ_ref‖₂ just before each update) is logged with TRL's metrics.
+6. ``ref/distance`` (‖θ − θ_ref‖₂ just before the update) is logged with TRL's metrics at every update on a logging
+   step; updates between logging steps skip that measurement and cost one fused pass.
 """
 
 import contextlib
@@ -168,14 +169,23 @@ def low_rank_distance_sq(
     return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)
 
 
-def mix_group_(targets: list[torch.Tensor], policies: list[torch.Tensor], alpha: float) -> torch.Tensor:
+def mix_group_(
+    targets: list[torch.Tensor], policies: list[torch.Tensor], alpha: float, measure: bool = True
+) -> torch.Tensor | None:
     """θ_ref ← θ_ref + α·(θ − θ_ref) in place for a group of fp32 tensors; returns Σ‖θ − θ_ref‖² from before.
 
-    The difference is computed once and serves both the logged distance and the update, so the soft
-    update with its distance costs about what TRL's ``(1 − α)·θ_ref + α·θ`` costs without one (the two
-    forms agree up to fp32 rounding). α = 1 (the hard update) copies exactly. ``torch._foreach_*`` are
-    torch.optim's multi-tensor ops: one dispatch per group, not per parameter.
+    With ``measure`` the difference is computed once and serves both the logged distance and the
+    update. Without it (the steps that log nothing) the update is one fused ``lerp`` pass and None is
+    returned: cheaper than TRL's ``(1 − α)·θ_ref + α·θ`` (two passes). The forms agree up to fp32
+    rounding. α = 1 (the hard update) copies exactly. ``torch._foreach_*`` are torch.optim's
+    multi-tensor ops: one dispatch per group, not per parameter.
     """
+    if not measure:
+        if alpha == 1.0:
+            torch._foreach_copy_(targets, policies)
+        else:
+            torch._foreach_lerp_(targets, policies, alpha)
+        return None
     diffs = torch._foreach_sub(policies, targets)
     distance_sq = torch.stack(torch._foreach_norm(diffs)).square().sum()
     if alpha == 1.0:
@@ -242,8 +252,9 @@ class _SumOfSquares:
     def __init__(self):
         self.per_device: dict[torch.device, torch.Tensor] = {}
 
-    def add(self, value: torch.Tensor) -> None:
-        self.per_device[value.device] = self.per_device.get(value.device, 0.0) + value
+    def add(self, value: torch.Tensor | None) -> None:
+        if value is not None:  # None: an update that measured nothing
+            self.per_device[value.device] = self.per_device.get(value.device, 0.0) + value
 
     def sqrt(self) -> float:
         return sum(float(v) for v in self.per_device.values()) ** 0.5
@@ -291,7 +302,8 @@ class _FullReference:
             yield group
 
     @torch.no_grad()
-    def update(self, alpha: float) -> dict[str, float]:
+    def update(self, alpha: float, measure: bool = True) -> dict[str, float]:
+        """Move the reference towards the policy by ``alpha``; with ``measure``, return ``ref/distance`` from before."""
         zero3 = _is_zero3()
         distance_sq = _SumOfSquares()
         for group in self._groups(zero3):
@@ -304,11 +316,11 @@ class _FullReference:
                     param.data.to(device=t.device, dtype=torch.float32)
                     for (_, param, _), t in zip(group, targets, strict=True)
                 ]
-                distance_sq.add(mix_group_(targets, policies, alpha))
+                distance_sq.add(mix_group_(targets, policies, alpha, measure))
                 for (_, _, ref), master in zip(group, masters, strict=True):
                     if master is not None:
                         ref.data.copy_(master)  # round the fp32 result into the stored dtype
-        return {"ref/distance": distance_sq.sqrt()}
+        return {"ref/distance": distance_sq.sqrt()} if measure else {}
 
     @torch.no_grad()
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -397,7 +409,8 @@ class _LoraReference:
         self.update(1.0)  # start from the policy: ΔW_ref = ΔW
 
     @torch.no_grad()
-    def update(self, alpha: float) -> dict[str, float]:
+    def update(self, alpha: float, measure: bool = True) -> dict[str, float]:
+        """Mix the reference adapter towards the policy's; with ``measure``, also return the logged values."""
         zero3 = _is_zero3()
         distance_sq, worst_error = _SumOfSquares(), 0.0
         for name, layer in self.layers:
@@ -412,7 +425,8 @@ class _LoraReference:
                     self.master.get(f"{name}.lora_A", ref_a.data.flatten(1)),
                     1.0,
                 )
-                distance_sq.add(low_rank_distance_sq(policy, ref))
+                if measure:
+                    distance_sq.add(low_rank_distance_sq(policy, ref))
                 parts = [(policy[0], policy[1], alpha * policy[2])] + (
                     [(ref[0], ref[1], 1.0 - alpha)] if alpha < 1.0 else []
                 )
@@ -425,9 +439,9 @@ class _LoraReference:
                     continue
                 target = self.master.setdefault(name, ref.data.float().clone())
                 policy = param.data.to(device=target.device, dtype=torch.float32)
-                distance_sq.add(mix_group_([target], [policy], alpha))
+                distance_sq.add(mix_group_([target], [policy], alpha, measure))
                 ref.data.copy_(target)
-        return {"ref/distance": distance_sq.sqrt(), "ref/truncation_error": worst_error}
+        return {"ref/distance": distance_sq.sqrt(), "ref/truncation_error": worst_error} if measure else {}
 
     def _store(self, name, ref_b, ref_a, new_b, new_a) -> None:
         self.master[f"{name}.lora_B"], self.master[f"{name}.lora_A"] = new_b, new_a
@@ -469,8 +483,10 @@ class TRDPOReferenceCallback(TrainerCallback):
     """Applies the TR-DPO reference update at the end of optimizer steps, and saves/loads the reference.
 
     Soft: every step, θ_ref ← α·θ + (1 − α)·θ_ref. Hard: when ``global_step % tau == 0``, θ_ref ← θ.
-    Each update appends ``ref/distance`` (and, for LoRA, ``ref/truncation_error``) to ``metrics``,
-    which the trainer logs with its own.
+    An update on a step that logs (``control.should_log``, set by the trainer's flow callback, which
+    runs before this one) appends ``ref/distance`` (and, for LoRA, ``ref/truncation_error``) to
+    ``metrics``, which the trainer logs with its own; the other updates skip that measurement, which
+    would cost a pass over both models.
 
     Args:
         reference: the paired policy/reference state (built by [`TRDPOTrainer`]).
@@ -488,15 +504,15 @@ class TRDPOReferenceCallback(TrainerCallback):
         self.metrics = metrics
 
     def on_step_end(self, args, state, control, **kwargs):
+        measure = self.metrics is not None and control.should_log
         if self.ref_update == "soft":
-            values = self.reference.update(self.alpha)
+            values = self.reference.update(self.alpha, measure)
         elif state.global_step % self.tau == 0:
-            values = self.reference.update(1.0)
+            values = self.reference.update(1.0, measure)
         else:
             return
-        if self.metrics is not None:
-            for key, value in values.items():
-                self.metrics[key].append(value)
+        for key, value in values.items():  # empty unless measured, and only measured with `metrics`
+            self.metrics[key].append(value)
 
     def save(self, folder: str, write: bool) -> None:
         """Save the reference (fp32 masters where kept) to ``folder/trdpo_reference.safetensors``."""

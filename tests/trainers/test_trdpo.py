@@ -207,6 +207,35 @@ def test_mix_group_matches_trl_formula_to_fp32_rounding_and_copies_exactly():
     assert all(torch.equal(c, p) for c, p in zip(copied, policies, strict=True))
 
 
+def test_mix_group_without_measuring_is_the_same_update():
+    torch.manual_seed(0)
+    targets, policies = [torch.randn(50, 7), torch.randn(13)], [torch.randn(50, 7), torch.randn(13)]
+    measured, fused = [t.clone() for t in targets], [t.clone() for t in targets]
+    mix_group_(measured, policies, 0.3)
+    assert mix_group_(fused, policies, 0.3, measure=False) is None
+    for m, f in zip(measured, fused, strict=True):
+        torch.testing.assert_close(f, m, rtol=0, atol=1e-6)
+    copied = [t.clone() for t in targets]
+    assert mix_group_(copied, policies, 1.0, measure=False) is None
+    assert all(torch.equal(c, p) for c, p in zip(copied, policies, strict=True))
+
+
+def test_distance_is_measured_on_logging_steps_only(tmp_path):
+    trainer = _trainer(_config(tmp_path, max_steps=4, logging_steps=2, alpha=0.5))
+    updates = []
+    original = trainer.ref_callback.reference.update
+
+    def spy(alpha, measure=True):
+        updates.append(measure)
+        return original(alpha, measure)
+
+    trainer.ref_callback.reference.update = spy
+    trainer.train()
+    assert updates == [False, True, False, True]  # every step updates; steps 2 and 4 log
+    logged = [log for log in trainer.state.log_history if "ref/distance" in log]
+    assert [log["step"] for log in logged] == [2, 4] and all(log["ref/distance"] > 0 for log in logged)
+
+
 def test_update_distance_and_formula_on_plain_modules():
     torch.manual_seed(0)
     policy, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
