@@ -96,14 +96,11 @@ def run_pair(n, d, noise, k, seed, with_baseline, with_exact):
         results["sparse"] = match(sae_a, sae_b, method="sparse", k=k).permutation
     rows.append((f"match(method='sparse', k={k})", mem.seconds, mem.cpu_seconds, mem.extra_gb))
     print(f"  sparse:   {mem.seconds:.1f} s ({mem.cpu_seconds:.1f} s CPU), +{mem.extra_gb:.2f} GiB", flush=True)
-    for name, perm in results.items():
-        print(f"  {name}: recovers the planted permutation on {float((perm == truth).double().mean()):.4%} of features")
-    if "exact" in results:
-        for other in ("baseline", "sparse"):
-            if other in results:
-                agree = float((results[other] == results["exact"]).double().mean())
-                print(f"  agreement exact vs {other}: {agree:.4%}")
-    return rows
+    recovered = {name: float((perm == truth).double().mean()) for name, perm in results.items()}
+    agreement = {name: float((perm == results["exact"]).double().mean()) if "exact" in results else float("nan") for name, perm in results.items()}
+    for name in results:
+        print(f"  {name}: recovers the planted permutation on {recovered[name]:.4%} of features, agrees with exact on {agreement[name]:.4%}")
+    return [(*row, recovered[name], agreement[name]) for name, row in zip(results, rows)]
 
 
 def main():
@@ -127,10 +124,10 @@ def main():
         wide = run_pair(args.wide_features, args.d_model, args.noise, args.k, args.seed, False, False)
         table += [("wide", args.wide_features, *row) for row in wide]
 
-    print("\n| pair | features | method | wall s | CPU s | peak extra GiB |\n|---|---|---|---|---|---|")
-    for kind, n, name, seconds, cpu, gib in table:
-        print(f"| {kind} | {n} | {name} | {seconds:.1f} | {cpu:.1f} | {gib:.2f} |")
-    by_name = {name: (seconds, cpu, gib) for kind, n, name, seconds, cpu, gib in table if kind == "pair"}
+    print("\n| pair | features | method | wall s | CPU s | peak extra GiB | recovered | agreement with exact |\n|---|---|---|---|---|---|---|---|")
+    for kind, n, name, seconds, cpu, gib, rec, agree in table:
+        print(f"| {kind} | {n} | {name} | {seconds:.1f} | {cpu:.1f} | {gib:.2f} | {rec:.2%} | {agree:.2%} |")
+    by_name = {name: (seconds, cpu, gib) for kind, n, name, seconds, cpu, gib, _, _ in table if kind == "pair"}
     if "match(method='exact')" not in by_name:
         return
     exact = by_name["match(method='exact')"]

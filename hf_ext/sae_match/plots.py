@@ -1,4 +1,4 @@
-"""Plots of a chain of matchings; matplotlib is imported only when a plot is drawn."""
+"""Plots of a chain of SAE Match matchings (arXiv 2410.07656); matplotlib is imported only when a plot is drawn."""
 
 import os
 

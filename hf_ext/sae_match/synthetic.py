@@ -4,7 +4,7 @@ The story they tell: each feature has a *folded* direction (decoder row ``u_i`` 
 column ``e_i``, bias ``c_i``) that drifts a little from one layer to the next, while the JumpReLU
 threshold ``theta_i`` of each layer's SAE is drawn independently, log-uniformly. The stored (unfolded)
 weights are ``W_dec[i] = u_i / theta_i``, ``W_enc[:, i] = e_i * theta_i`` and ``b_enc[i] = c_i * theta_i``,
-so folding (``W_dec[i] * theta_i``, ...) recovers the drifting directions, while the unfolded weights
+so folding (``W_dec[i] * theta_i``, ...; Eq. 4 of arXiv 2410.07656) recovers the drifting directions, while the unfolded weights
 differ by per-feature scales that hide the match. The next layer's features are stored in a random
 order: that permutation is what matching should recover.
 """
