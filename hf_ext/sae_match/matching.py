@@ -195,30 +195,41 @@ def _candidate_dots(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, chunk_b
     return out
 
 
+def _ranking_operands(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[a_i, 1, -||a_i||^2 / 2]`` and ``[b_j, -||b_j||^2 / 2, 1]`` in ``dtype``: their products are ``-||a_i - b_j||^2 / 2``.
+
+    Folding the norms into the product spares two passes over each block of scores.
+    """
+    dim = a.shape[1]
+    a_aug = torch.empty(a.shape[0], dim + 2, dtype=dtype, device=a.device)
+    b_aug = torch.empty(b.shape[0], dim + 2, dtype=dtype, device=b.device)
+    a_aug[:, :dim], b_aug[:, :dim] = a, b
+    a_aug[:, dim], b_aug[:, dim + 1] = 1.0, 1.0
+    a_aug[:, dim + 1], b_aug[:, dim] = -_squared_norms(a) / 2, -_squared_norms(b) / 2
+    return a_aug, b_aug
+
+
 def _ranked_candidates(
     a: torch.Tensor, b: torch.Tensor, k_row: int, k_col: int, block_bytes: int, rank_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of each row's ``k_row`` nearest columns ``[n_a, k_row]`` and each column's ``k_col`` nearest rows ``[n_b, k_col]``.
 
-    Ranked by inner product corrected for norms: for row ``i``, ``<a_i, b_j> - ||b_j||^2 / 2`` (the
-    same order as ``||a_i - b_j||^2``; a plain inner product would favour long vectors), and
-    symmetrically for columns, over blocks of rows of A, with the block products in ``rank_dtype``.
+    Ranked by ``-||a_i - b_j||^2 / 2 = <a_i, b_j> - ||a_i||^2 / 2 - ||b_j||^2 / 2`` (a plain inner
+    product would favour long vectors), over blocks of rows of A, with the block products in ``rank_dtype``.
     """
     n_a, n_b = a.shape[0], b.shape[0]
-    half_a_sq, half_b_sq = (_squared_norms(a) / 2).to(rank_dtype), (_squared_norms(b) / 2).to(rank_dtype)
-    a_rank, b_rank = a.to(rank_dtype), b.to(rank_dtype)
+    a_rank, b_rank = _ranking_operands(a, b, rank_dtype)
     row_idx = torch.empty(n_a, k_row, dtype=torch.long, device=a.device)
     col_val = torch.full((n_b, k_col), -torch.inf, device=a.device)  # running best rows of each column
     col_idx = torch.zeros(n_b, k_col, dtype=torch.long, device=a.device)
     step = _block_rows(n_b, block_bytes)
     for start in range(0, n_a, step):
         stop = min(start + step, n_a)
-        scores = (a_rank[start:stop] @ b_rank.T).sub_(half_b_sq[None, :])  # <a_i, b_j> - |b_j|^2 / 2
+        scores = a_rank[start:stop] @ b_rank.T  # [rows, n_b]: -|a_i - b_j|^2 / 2
         row_idx[start:stop] = scores.topk(k_row, dim=1).indices
-        # per column j the rows rank by <a_i, b_j> - |a_i|^2 / 2, or by that minus the constant
-        # |b_j|^2 / 2 (already subtracted); ranked along contiguous rows of the transposed block
+        # per column, ranked along contiguous rows of the transposed block
         # (a top-k down the columns of a row-major block is several times slower)
-        scores = scores.sub_(half_a_sq[start:stop, None]).T.contiguous()  # [n_b, rows]: -|a_i - b_j|^2 / 2
+        scores = scores.T.contiguous()  # [n_b, rows]
         val, idx = scores.topk(min(k_col, stop - start), dim=1)
         merged_val, merged_idx = torch.cat([col_val, val.float()], dim=1), torch.cat([col_idx, idx + start], dim=1)
         keep = merged_val.topk(k_col, dim=1).indices
