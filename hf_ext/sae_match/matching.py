@@ -365,8 +365,9 @@ def match(
         sae_b: the SAE of the later layer (same ``d_model`` and width).
         using: the parts compared: ``("decoder",)`` (the default; about as good as all parts, Fig. 12)
             or ``("encoder", "decoder")`` (W_enc, b_enc and W_dec together, as in the paper's experiments).
-        method: ``"exact"`` (dense LAP, ``n^2 * 8`` bytes) or ``"sparse"`` (top-``k`` candidate graph;
-            for wide SAEs, memory ``O(n * k)`` plus one block).
+        method: ``"exact"`` (dense LAP, ``n^2 * 8`` bytes) or ``"sparse"`` (top-``k`` candidate graph,
+            ranked with bfloat16 products and costed exactly in float32; for wide SAEs, memory
+            ``O(n * k)`` plus one block).
         fold: fold JumpReLU thresholds into the weights first (Eq. 4; the paper's setting). SAEs
             without thresholds (ReLU, TopK) are compared as they are.
         k: candidates per feature for ``method="sparse"`` (from each side).
