@@ -58,11 +58,11 @@ def register_auto_classes(config_cls: type, auto_to_model: dict) -> None:
     AutoConfig.register(model_type, config_cls, exist_ok=True)
     for auto_cls, model_cls in auto_to_model.items():
         mapping = auto_cls._model_mapping
-        previous = [c for k, c in mapping._extra_content.items() if k.model_type == model_type]
-        for key in [k for k in mapping._extra_content if k.model_type == model_type]:
-            del mapping._extra_content[key]  # a stale key from an earlier import of the config module
-        if previous and not _same_class(previous[0], model_cls):
-            logger.warning("%s already mapped %r to %s; re-pointing it.", auto_cls.__name__, model_type, previous[0])
+        stale = {k: c for k, c in mapping._extra_content.items() if k.model_type == model_type}
+        for key, previous in stale.items():
+            del mapping._extra_content[key]  # keyed by the config class of an earlier import of its module
+            if not _same_class(previous, model_cls):
+                logger.warning("%s already mapped %r to %s; re-pointing it.", auto_cls.__name__, model_type, previous)
         auto_cls.register(config_cls, model_cls, exist_ok=True)
 
 
