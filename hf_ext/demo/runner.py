@@ -125,10 +125,10 @@ def run(args: argparse.Namespace) -> int:
         for name, section in sections.items():
             print(f"{name}: {section.title}")
         return 0
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.threads < 1:
         raise ValueError(f"`--threads` must be >= 1, got {args.threads}.")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -63,7 +63,8 @@ def test_cli_exit_codes(sections, tmp_path, capsys):
     assert main(["demo", "--only", "test_ok", "--only", "test_broken", "--out", str(tmp_path)]) == 1
     assert main(["demo", "--only", "no_such_section", "--out", str(tmp_path)]) == 2
     assert "Unknown demo section(s) ['no_such_section']" in capsys.readouterr().err
-    assert main(["demo", "--only", "test_ok", "--threads", "0", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--only", "test_ok", "--threads", "0", "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()  # refused before anything is written
     assert "`--threads` must be >= 1, got 0." in capsys.readouterr().err
 
 
