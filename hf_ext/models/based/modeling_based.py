@@ -16,8 +16,15 @@ prefill; memory linear in T) and `linear_attention_recurrent` (decoding). They s
 `[B, T, H, D]` and return `(output, final_state)` where a state is `[B, H, D_phi, D_v + 1]`: the
 key-value sum with the normaliser `z = sum phi(k)` as its last column.
 
-This folder imports only torch and transformers, so a saved model loads with `trust_remote_code=True`.
+On CUDA, when flash-linear-attention is installed, the mixer runs the same two forms on fla's Triton kernels
+(`fla_linear_attention_chunked`, `fla_linear_attention_recurrent`); CPU always uses the torch forms.
+
+This folder imports only torch and transformers (fla only on first CUDA use, inside `try`), so a saved model loads
+with `trust_remote_code=True`.
 """
+
+import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +170,76 @@ def linear_attention_recurrent(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Optional flash-linear-attention kernels (CUDA only)
+#
+# fla's Triton kernels compute the same two forms. transformers' `use_kernel_func_from_hub_with_fallback` would
+# import fla with this module and call it on any device once installed; here fla is imported on the first CUDA
+# tensor and never otherwise, so CPU runs never import it, and `trust_remote_code` loading (which ignores imports
+# inside `try`) does not require it.
+
+
+@functools.cache
+def _fla_ops() -> SimpleNamespace | None:
+    """fla's kernels, or None when flash-linear-attention (the `fla` package of `fla-core`) is not importable."""
+    try:
+        from fla.ops.based import parallel_based
+        from fla.ops.linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
+        from fla.ops.rebased import parallel_rebased
+    except ImportError:
+        return None
+    return SimpleNamespace(
+        parallel={"taylor": functools.partial(parallel_based, use_norm=False),
+                  "rebased": functools.partial(parallel_rebased, use_normalize=False)},
+        chunk=chunk_linear_attn, recurrent=fused_recurrent_linear_attn,
+    )
+
+
+def uses_fla(x: torch.Tensor) -> bool:
+    """Whether the mixer runs fla's kernels on `x`: on CUDA tensors, when fla is installed."""
+    return x.is_cuda and _fla_ops() is not None
+
+
+def fla_linear_attention_chunked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`linear_attention_chunked` on fla's kernels (fla picks its own chunk size); same arguments and returns.
+
+    Without a state in or out (training), fla's `parallel_based` / `parallel_rebased` kernels take the `F`-wide q
+    and k and never materialise `phi`. With a state (prefill), `chunk_linear_attn` runs on `phi(q)`, `phi(k)`, whose
+    `[B, H, D_phi, Dv+1]` state is this module's. Both get the values as `[v, 1]`, as the torch forms do, so that
+    the normaliser, padding and `eps` are handled here, identically on both paths (our choice: one value column more
+    than fla's own normalisation, in exchange for exact padding with either kernel). Inputs are upcast to float32 as
+    in the torch path; on GPUs with TF32, Triton's float32 matmuls round their inputs to TF32.
+    """
+    ops = _fla_ops()
+    v1 = _values_with_normaliser(v.float(), key_mask)
+    if initial_state is None and not output_final_state and q.shape[-1] <= 128:  # fla's parallel kernels' limit
+        out, final_state = ops.parallel[feature_map](q.float(), k.float(), v1), None
+    else:
+        phi_q, phi_k = expand_features(q.float(), feature_map), expand_features(k.float(), feature_map)
+        out, final_state = ops.chunk(
+            phi_q, phi_k, v1, scale=1.0, initial_state=None if initial_state is None else initial_state.float(),
+            output_final_state=output_final_state, normalize=False,
+        )
+    return _normalise(out, eps).to(v.dtype), final_state
+
+
+def fla_linear_attention_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`linear_attention_recurrent` on fla's `fused_recurrent_linear_attn`; same arguments and returns."""
+    phi_q, phi_k = expand_features(q.float(), feature_map), expand_features(k.float(), feature_map)
+    out, state = _fla_ops().recurrent(
+        phi_q, phi_k, _values_with_normaliser(v.float(), key_mask), scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
+        normalize=False,
+    )
+    return _normalise(out, eps).to(v.dtype), state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Mixers
 
 
@@ -212,8 +289,14 @@ class BasedLinearAttention(nn.Module):
         q, k, v = self._project(hidden_states)
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         # 2. One new token with a state: the recurrent step; otherwise the chunked form from the state (if any).
+        # fla's kernels on CUDA when installed, the torch forms otherwise.
         if state is not None and q.shape[1] == 1:
-            y, final_state = linear_attention_recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
+            recurrent = fla_linear_attention_recurrent if uses_fla(q) else linear_attention_recurrent
+            y, final_state = recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
+        elif uses_fla(q):
+            y, final_state = fla_linear_attention_chunked(
+                q, k, v, self.feature_map, self.eps, state, padding_mask, output_final_state=cache is not None
+            )
         else:
             y, final_state = linear_attention_chunked(
                 q, k, v, self.feature_map, self.eps, self.chunk_size, state, padding_mask, output_final_state=cache is not None
@@ -515,6 +598,8 @@ __all__ = [
     "BasedPreTrainedModel",
     "causal_depthwise_conv1d",
     "expand_features",
+    "fla_linear_attention_chunked",
+    "fla_linear_attention_recurrent",
     "kernel_similarity",
     "linear_attention_chunked",
     "linear_attention_parallel",
