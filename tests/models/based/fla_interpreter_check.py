@@ -42,9 +42,9 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return max_diff(a, b) / b.abs().max().item()
 
 
-def inputs(T: int, F: int, seed: int):
+def inputs(T: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(2, T, 2, F, generator=generator) for _ in range(2))  # F = 16: phi is 256 or 273 wide
+    q, k = (torch.randn(2, T, 2, 16, generator=generator) for _ in range(2))  # F = 16: phi is 256 or 273 wide
     v = torch.randn(2, T, 2, 64, generator=generator)  # [v, 1] is 65 wide, past a power-of-two tile
     key_mask = torch.ones(2, T)
     key_mask[0, :5] = 0  # left padding in the first row
@@ -53,7 +53,7 @@ def inputs(T: int, F: int, seed: int):
 
 def check_training_form(feature_map: str) -> dict[str, float]:
     """No state in or out: fla's parallel kernels; outputs and gradients."""
-    q, k, v, key_mask = inputs(T=37, F=16, seed=0)
+    q, k, v, key_mask = inputs(T=37, seed=0)
     weights = torch.randn(v.shape)
     results = {}
     for name, form in (("fla", fla_linear_attention_chunked), ("torch", linear_attention_chunked)):
@@ -71,7 +71,7 @@ def check_training_form(feature_map: str) -> dict[str, float]:
 def check_prefill_form(feature_map: str) -> dict[str, float]:
     """From a state, returning the final state: fla's chunk kernel on the expanded features (150 tokens: 3 of its
     64-token chunks)."""
-    q, k, v, key_mask = inputs(T=170, F=16, seed=1)
+    q, k, v, key_mask = inputs(T=170, seed=1)
     _, prefix_state = linear_attention_chunked(q[:, :20], k[:, :20], v[:, :20], feature_map, key_mask=key_mask[:, :20])
     rest = (q[:, 20:], k[:, 20:], v[:, 20:])
     fla_out, fla_state = fla_linear_attention_chunked(*rest, feature_map, initial_state=prefix_state)
@@ -80,7 +80,7 @@ def check_prefill_form(feature_map: str) -> dict[str, float]:
 
 
 def check_recurrent_form(feature_map: str) -> dict[str, float]:
-    q, k, v, key_mask = inputs(T=9, F=16, seed=2)
+    q, k, v, key_mask = inputs(T=9, seed=2)
     _, state = linear_attention_chunked(q[:, :6], k[:, :6], v[:, :6], feature_map, key_mask=key_mask[:, :6])
     rest = (q[:, 6:], k[:, 6:], v[:, 6:])
     fla_out, fla_state = fla_linear_attention_recurrent(*rest, feature_map, initial_state=state)
