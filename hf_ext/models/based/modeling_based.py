@@ -19,8 +19,8 @@ key-value sum with the normaliser `z = sum phi(k)` as its last column.
 On CUDA, when flash-linear-attention is installed, the mixer runs the same two forms on fla's Triton kernels
 (`fla_linear_attention_chunked`, `fla_linear_attention_recurrent`); CPU always uses the torch forms.
 
-This folder imports only torch and transformers (fla only on first CUDA use, inside `try`), so a saved model loads
-with `trust_remote_code=True`.
+This folder imports only torch, transformers and packaging (which transformers requires); fla only on first CUDA
+use, inside `try`. So a saved model loads with `trust_remote_code=True`.
 """
 
 import functools
@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from packaging import version
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
@@ -36,11 +37,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_based import BasedConfig
+
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Linear attention: kernels and the three forms
@@ -178,14 +181,26 @@ def linear_attention_recurrent(
 # inside `try`) does not require it.
 
 
+# The oldest fla release checked to have these ops' `[B, T, H, D]` default layout and `normalize` / `use_norm` /
+# `use_normalize` arguments (0.3.2, 0.4.0 and 0.6.0 were read).
+_FLA_MIN_VERSION = "0.3.2"
+
+
 @functools.cache
 def _fla_ops() -> SimpleNamespace | None:
-    """fla's kernels, or None when flash-linear-attention (the `fla` package of `fla-core`) is not importable."""
+    """fla's kernels, or None when flash-linear-attention (the `fla` package of `fla-core`) is not importable or
+    older than `_FLA_MIN_VERSION`."""
     try:
+        import fla
         from fla.ops.based import parallel_based
         from fla.ops.linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
         from fla.ops.rebased import parallel_rebased
     except ImportError:
+        return None
+    if version.parse(fla.__version__) < version.parse(_FLA_MIN_VERSION):
+        logger.warning_once(
+            f"flash-linear-attention {fla.__version__} is older than {_FLA_MIN_VERSION}; Based uses its torch forms."
+        )
         return None
     return SimpleNamespace(
         parallel={"taylor": functools.partial(parallel_based, use_norm=False),

@@ -75,6 +75,18 @@ def test_cpu_tensors_take_the_torch_forms_even_with_fla_installed(monkeypatch):
     assert calls == []
 
 
+def test_fla_older_than_the_checked_release_is_not_used(monkeypatch):
+    fla = pytest.importorskip("fla")
+    monkeypatch.setattr(fla, "__version__", "0.2.0")
+    modeling_based._fla_ops.cache_clear()
+    try:
+        assert modeling_based._fla_ops() is None
+    finally:
+        monkeypatch.undo()
+        modeling_based._fla_ops.cache_clear()
+    assert modeling_based._fla_ops() is not None
+
+
 def test_cpu_runs_never_import_fla():
     # (triton itself may be imported by peft when installed; fla, and the kernels it compiles, must not be)
     pytest.importorskip("fla")
