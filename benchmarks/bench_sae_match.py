@@ -69,13 +69,13 @@ def naive_float64_lsa(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(linear_sum_assignment(cost)[1])
 
 
-def run_pair(n, d, noise, k, seed, with_baseline, with_exact):
+def run_pair(n, d, noise, k, seed, with_baseline, with_exact, shared_fraction=1.0):
     from hf_ext.sae_match import match
     from hf_ext.sae_match.matching import feature_vectors
     from hf_ext.sae_match.synthetic import planted_pair
 
-    print(f"\n== pair {n} x {d} (noise {noise}, seed {seed}) ==", flush=True)
-    sae_a, sae_b, truth = planted_pair(n, d, noise=noise, seed=seed)
+    print(f"\n== pair {n} x {d} (noise {noise}, shared fraction {shared_fraction}, seed {seed}) ==", flush=True)
+    sae_a, sae_b, truth = planted_pair(n, d, noise=noise, shared_fraction=shared_fraction, seed=seed)
     # the SAEs' encoders are not used by a decoder-only match: drop them to save memory
     for sae in (sae_a, sae_b):
         sae.W_enc = torch.nn.Parameter(torch.empty(d, 0), requires_grad=False)
@@ -100,6 +100,11 @@ def run_pair(n, d, noise, k, seed, with_baseline, with_exact):
     agreement = {name: float((perm == results["exact"]).double().mean()) if "exact" in results else float("nan") for name, perm in results.items()}
     for name in results:
         print(f"  {name}: recovers the planted permutation on {recovered[name]:.4%} of features")
+    if "exact" in results:  # where features lack a counterpart, exact's pairing of those is near arbitrary
+        continuing = results["exact"] == truth
+        for name, perm in results.items():
+            same = float((perm == results["exact"])[continuing].double().mean())
+            print(f"  {name}: agrees with exact on {same:.4%} of the {int(continuing.sum())} features exact matches to their planted partner")
     return [(*row, recovered[name], agreement[name]) for name, row in zip(results, rows)]
 
 
@@ -109,7 +114,8 @@ def main():
     parser.add_argument("--d-model", type=int, default=2304)
     parser.add_argument("--wide-features", type=int, default=65536, help="0 skips the wide sparse-only pair")
     parser.add_argument("--noise", type=float, default=1.1, help="per-layer drift of the planted features (see synthetic.planted_chain)")
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--shared-fraction", type=float, default=1.0, help="features that continue to the next layer (see synthetic.planted_chain)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--skip-exact", action="store_true", help="sparse only (e.g. to rerun it alone)")
     parser.add_argument("--threads", type=int, default=2)
@@ -118,10 +124,12 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, numpy {np.__version__}")
 
-    rows = run_pair(args.n_features, args.d_model, args.noise, args.k, args.seed, not args.skip_baseline, not args.skip_exact)
+    rows = run_pair(
+        args.n_features, args.d_model, args.noise, args.k, args.seed, not args.skip_baseline, not args.skip_exact, args.shared_fraction
+    )
     table = [("pair", args.n_features, *row) for row in rows]
     if args.wide_features:
-        wide = run_pair(args.wide_features, args.d_model, args.noise, args.k, args.seed, False, False)
+        wide = run_pair(args.wide_features, args.d_model, args.noise, args.k, args.seed, False, False, args.shared_fraction)
         table += [("wide", args.wide_features, *row) for row in wide]
 
     print("\n| pair | features | method | wall s | CPU s | peak extra GiB | recovered | agreement with exact |\n|---|---|---|---|---|---|---|---|")

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from hf_ext.sae_match import LayerMatchings, Matching, fold, match, match_layers, permute_features
-from hf_ext.sae_match.matching import _completion_edges, dense_cost_matrix, feature_vectors, topk_candidates
+from hf_ext.sae_match.matching import (
+    _completion_edges,
+    _topk_by_group_maxima,
+    dense_cost_matrix,
+    feature_vectors,
+    topk_candidates,
+)
 from hf_ext.sae_match.synthetic import planted_chain, planted_pair, random_sae
 
 
@@ -52,6 +58,17 @@ def test_topk_candidates_match_brute_force():
     assert set(zip(rows.tolist(), cols.tolist())) == expected
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("shape", [(64, 48), (40, 24), (30, 21)])  # 21 does not split into 8 groups: plain topk
+def test_topk_by_group_maxima_matches_topk(dim, shape):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-50, 50, shape, generator=g).to(torch.bfloat16)  # many ties
+    values, indices = _topk_by_group_maxima(scores, 3, dim)
+    expected = scores.topk(3, dim=dim).values
+    torch.testing.assert_close(values, expected if dim == 1 else expected.T, rtol=0, atol=0)
+    torch.testing.assert_close(scores.gather(dim, indices if dim == 1 else indices.T), expected, rtol=0, atol=0)
+
+
 def test_bfloat16_ranking_keeps_float32_dots_and_the_nearest_pairs():
     a, b = torch.randn(300, 48), torch.randn(300, 48)
     b[:150] = a[:150] + 0.1 * torch.randn(150, 48)  # clear nearest partners for half the rows
@@ -67,9 +84,11 @@ def test_sparse_fallback_completes_an_unmatchable_graph():
     a = torch.randn(40, 8)
     b = torch.randn(40, 8) * 0.01
     b[:3] = a[:3] * 0.5
-    rows, cols, _ = topk_candidates(a, b, k=1)
-    extra_rows, _ = _completion_edges(rows.numpy(), cols.numpy(), 40, a, b, 2**20)
+    rows, cols, dots = topk_candidates(a, b, k=1)
+    weights = ((a[rows].square().sum(1) + b[cols].square().sum(1) - 2 * dots) / 8).double().numpy()
+    extra_rows, extra_cols = _completion_edges(rows.numpy(), cols.numpy(), weights, a, b, 2**20)
     assert extra_rows.size > 0
+    assert not set(zip(extra_rows.tolist(), extra_cols.tolist())) & set(zip(rows.tolist(), cols.tolist()))
     sae_a, sae_b = random_sae(40, 8, "relu", seed=0), random_sae(40, 8, "relu", seed=1)
     sae_a.W_dec.data, sae_b.W_dec.data = a, b
     sparse = match(sae_a, sae_b, method="sparse", k=1)
@@ -86,6 +105,19 @@ def test_exact_and_sparse_agree_on_wide_planted_pairs():
     assert torch.equal(sparse.permutation, exact.permutation)
     assert (exact.permutation == truth).double().mean() >= 0.99
     torch.testing.assert_close(sparse.cost, exact.cost)
+
+
+def test_sparse_keeps_continuing_pairs_when_features_have_no_counterpart():
+    # 30% of the features are replaced by fresh ones: these must pair among themselves (left out by the
+    # first matching) rather than take the candidates of the features that continue
+    sae_a, sae_b, truth = planted_pair(n_features=2048, d_model=256, noise=1.1, shared_fraction=0.7, seed=0)
+    exact = match(sae_a, sae_b, method="exact")
+    sparse = match(sae_a, sae_b, method="sparse")
+    continuing = exact.permutation == truth
+    assert continuing.double().mean() > 0.65
+    assert (sparse.permutation == exact.permutation)[continuing].double().mean() >= 0.95
+    assert sparse.total <= 1.05 * exact.total
+    assert sorted(sparse.permutation.tolist()) == list(range(2048))
 
 
 def test_matching_of_a_permuted_copy_is_that_permutation():
