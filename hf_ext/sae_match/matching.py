@@ -19,7 +19,8 @@ Two solvers:
   and a min-cost full matching is found on that graph (``min_weight_full_bipartite_matching``). A
   fallback keeps the graph matchable: a first matching of the candidate graph may leave a feature out
   at the cost of pairing it with an orthogonal partner; the features left out (typically those with no
-  counterpart) are paired by a dense assignment among themselves, and those edges join the graph.
+  counterpart) are paired among themselves (the same method on that smaller problem), and those
+  edges join the graph.
   Exact: the float32 costs of the edges and the optimum on the graph. Approximate: which edges the
   graph holds (the bfloat16 ranking, ``k``) and so how close that optimum comes to the dense one.
 """
@@ -327,22 +328,29 @@ def _left_out(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, a: torch.
     return free_rows, free_cols
 
 
-def _completion_edges(rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, a: torch.Tensor, b: torch.Tensor, block_bytes: int):
+def _completion_edges(
+    rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, a: torch.Tensor, b: torch.Tensor, k: int, block_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Edges that pair the features `_left_out` leaves out (the fallback), not already candidates.
 
-    The ``m`` rows and ``m`` columns left out are paired by a dense LAP on their ``m x m`` costs; with
-    the candidate edges this keeps the graph perfectly matchable. ``m`` is 0 when every feature has a
-    close counterpart, and about the number of features without one otherwise.
+    The ``m`` rows and ``m`` columns left out are paired among themselves: by `sparse_assignment` on
+    that smaller problem (a dense LAP would take minutes for a few thousand features without
+    counterparts, whose costs are all alike), or by a dense LAP when nothing was matched (``m = n``).
+    With the candidate edges this keeps the graph perfectly matchable. ``m`` is 0 when every feature
+    has a close counterpart, and about the number of features without one otherwise.
     """
     from scipy.optimize import linear_sum_assignment
 
     free_rows, free_cols = _left_out(rows, cols, weights, a, b)
+    n = a.shape[0]
     if free_rows.size == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    sub_rows, sub_cols = torch.from_numpy(free_rows).to(a.device), torch.from_numpy(free_cols).to(b.device)
-    _, pick = linear_sum_assignment(dense_cost_matrix(a[sub_rows], b[sub_cols], block_bytes))
+    sub_a, sub_b = a[torch.from_numpy(free_rows).to(a.device)], b[torch.from_numpy(free_cols).to(b.device)]
+    if free_rows.size < n:
+        pick = sparse_assignment(sub_a, sub_b, k, block_bytes).cpu().numpy()
+    else:
+        _, pick = linear_sum_assignment(dense_cost_matrix(sub_a, sub_b, block_bytes))
     extra_rows, extra_cols = free_rows, free_cols[pick]
-    n = a.shape[0]
     new = ~np.isin(extra_rows * n + extra_cols, rows * n + cols)  # a duplicate edge would add its weight twice
     return extra_rows[new], extra_cols[new]
 
@@ -357,7 +365,7 @@ def sparse_assignment(a: torch.Tensor, b: torch.Tensor, k: int = 8, block_bytes:
     a_sq, b_sq = _squared_norms(a).double(), _squared_norms(b).double()
     weights = ((a_sq[rows_t] + b_sq[cols_t] - 2.0 * dots.double()) / dim).clamp_min(0.0).cpu().numpy()
     rows, cols = rows_t.cpu().numpy(), cols_t.cpu().numpy()
-    extra_rows, extra_cols = _completion_edges(rows, cols, weights, a, b, block_bytes)
+    extra_rows, extra_cols = _completion_edges(rows, cols, weights, a, b, k, block_bytes)
     if extra_rows.size:
         extra = torch.from_numpy(extra_rows).to(a.device), torch.from_numpy(extra_cols).to(a.device)
         rows, cols = np.concatenate([rows, extra_rows]), np.concatenate([cols, extra_cols])

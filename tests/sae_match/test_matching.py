@@ -9,6 +9,7 @@ import torch
 from hf_ext.sae_match import LayerMatchings, Matching, fold, match, match_layers, permute_features
 from hf_ext.sae_match.matching import (
     _completion_edges,
+    _left_out,
     _topk_by_group_maxima,
     dense_cost_matrix,
     feature_vectors,
@@ -86,7 +87,7 @@ def test_sparse_fallback_completes_an_unmatchable_graph():
     b[:3] = a[:3] * 0.5
     rows, cols, dots = topk_candidates(a, b, k=1)
     weights = ((a[rows].square().sum(1) + b[cols].square().sum(1) - 2 * dots) / 8).double().numpy()
-    extra_rows, extra_cols = _completion_edges(rows.numpy(), cols.numpy(), weights, a, b, 2**20)
+    extra_rows, extra_cols = _completion_edges(rows.numpy(), cols.numpy(), weights, a, b, 1, 2**20)
     assert extra_rows.size > 0
     assert not set(zip(extra_rows.tolist(), extra_cols.tolist())) & set(zip(rows.tolist(), cols.tolist()))
     sae_a, sae_b = random_sae(40, 8, "relu", seed=0), random_sae(40, 8, "relu", seed=1)
@@ -118,6 +119,20 @@ def test_sparse_keeps_continuing_pairs_when_features_have_no_counterpart():
     assert (sparse.permutation == exact.permutation)[continuing].double().mean() >= 0.95
     assert sparse.total <= 1.05 * exact.total
     assert sorted(sparse.permutation.tolist()) == list(range(2048))
+
+
+def test_sparse_equals_exact_when_every_feature_is_left_out():
+    # every <a_i, b_j> < 0: no candidate beats an orthogonal partner, so all features are left out and
+    # paired by a dense LAP, whose edges then hold the dense optimum
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 8, generator=g).abs(), -torch.randn(30, 8, generator=g).abs()
+    rows, cols, dots = topk_candidates(a, b, k=2)
+    weights = ((a[rows].square().sum(1) + b[cols].square().sum(1) - 2 * dots) / 8).double().numpy()
+    assert _left_out(rows.numpy(), cols.numpy(), weights, a, b)[0].size == 30
+    sae_a, sae_b = random_sae(30, 8, "relu", seed=0), random_sae(30, 8, "relu", seed=1)
+    sae_a.W_dec.data, sae_b.W_dec.data = a, b
+    sparse, exact = match(sae_a, sae_b, method="sparse", k=2), match(sae_a, sae_b, method="exact")
+    assert torch.equal(sparse.permutation, exact.permutation)
 
 
 def test_matching_of_a_permuted_copy_is_that_permutation():
