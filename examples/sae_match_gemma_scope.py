@@ -47,7 +47,7 @@ def parse_args():
     parser.add_argument("--l0", type=int, nargs="+", default=None, help="average_l0 of each layer's SAE (default: the paper's)")
     parser.add_argument("--method", default="sparse", choices=["exact", "sparse"])
     parser.add_argument("--using", nargs="+", default=["decoder"])
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=None, help="persistence cost threshold (default: median cost)")
     parser.add_argument("--evaluate", action="store_true", help="score each pair on the model's hidden states")
     parser.add_argument("--num-texts", type=int, default=20)

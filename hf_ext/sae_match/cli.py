@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="exact", help="exact (dense LAP) or sparse (top-k candidate graph) (default: exact)")
     parser.add_argument("--using", nargs="+", default=["decoder"], help="parts compared: decoder and/or encoder (default: decoder)")
     parser.add_argument("--no-fold", action="store_true", help="do not fold JumpReLU thresholds into the weights first")
-    parser.add_argument("--k", type=int, default=32, help="candidates per feature for --method sparse (default: 32)")
+    parser.add_argument("--k", type=int, default=8, help="candidates per feature for --method sparse (default: 8)")
     parser.add_argument("--threshold", type=float, default=None, help="cost below which a feature survives a layer (persistence)")
     parser.add_argument("--plot", action="store_true", help="also write persistence.png (needs --threshold)")
     parser.add_argument("--cache-dir", default=None, help="the Hugging Face Hub cache to use")
