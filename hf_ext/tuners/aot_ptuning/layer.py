@@ -300,8 +300,9 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             bias = self.bias(active[0], token_ids)
             for name in active[1:]:
                 bias = bias + self.bias(name, token_ids)
-        # H_l <- H_l + P_l[x] (the bias before the layer, paper Fig. 2), then the layer itself
-        return self.base_layer(hidden_states + bias.to(hidden_states.dtype), *args, **kwargs)
+        # H_l <- H_l + P_l[x] (the bias before the layer, paper Fig. 2), then the layer itself. In place: `bias` is
+        # always a fresh tensor here, and a second [B, T, d] buffer costs as much as the gather itself.
+        return self.base_layer(bias.to(hidden_states.dtype).add_(hidden_states), *args, **kwargs)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
         # merge=True is refused earlier, by AoTPTuningModel._check_merge_allowed
