@@ -206,6 +206,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         self.aot_reparam = nn.ModuleDict()
         self.aot_collapsed = BufferDict(persistent=False)  # adapter -> P_l [V, d], filled by `collapse`
         self._collapsed_from: dict[str, tuple] = {}  # adapter -> the reparametrization weights' states at `collapse`
+        self._stack: tuple[torch.Tensor, dict[str, int]] | None = None  # collapsed tables stacked, first row of each
         self.token_ids = token_ids
         self._disable_adapters = False
         self.merged_adapters = []
@@ -222,6 +223,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         # Tables collapsed before training would go stale as soon as the reparametrization moves.
         if mode:
             self.aot_collapsed.clear()
+            self._stack = None
         return super().train(mode)
 
     @torch.no_grad()
@@ -259,17 +261,53 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
             return F.embedding(token_ids, table)  # one gather
         return self.aot_reparam[adapter_name].rows(token_ids, self.token_ids.embedding.weight)
 
+    def _stacked_tables(self, adapter_names: set[str]) -> tuple[torch.Tensor, dict[str, int]] | None:
+        """Every collapsed table of this layer in one ``[sum V, d]`` tensor and the first row of each, or None when
+        one of `adapter_names` has no usable collapsed table (or the tables' dtypes differ).
+
+        Built on first use; each adapter's table then becomes a view into it, so the stack costs no memory, and it
+        is rebuilt when a table is no longer the view it made (collapsed again, or dropped as stale).
+        """
+        if not all(self._collapsed_table(name) is not None for name in adapter_names):
+            return None
+        if self._stack is not None:
+            stack, starts = self._stack
+            if set(starts) == set(self.aot_collapsed) and all(
+                self.aot_collapsed[name].data_ptr() == stack[start].data_ptr() for name, start in starts.items()
+            ):
+                return self._stack
+        names = sorted(self.aot_collapsed)
+        tables = [self.aot_collapsed[name] for name in names]
+        if len({table.dtype for table in tables}) > 1:
+            return None
+        stack = torch.cat(tables)
+        starts = dict(zip(names, itertools.accumulate([0] + [len(table) for table in tables[:-1]])))
+        for name, table in zip(names, tables):
+            self.aot_collapsed[name] = stack[starts[name] : starts[name] + len(table)]
+        self._stack = (stack, starts)
+        return self._stack
+
     def _mixed_batch_bias(self, hidden_states: torch.Tensor, token_ids: torch.Tensor, adapter_names) -> torch.Tensor:
         """Bias ``[B, T, d]`` where example b uses adapter ``adapter_names[b]`` (``"__base__"``: none).
 
-        Each run of consecutive examples with the same adapter is gathered straight into its slice of the output,
-        so a mixed batch costs the same gathers and the same single add as a one-adapter batch.
+        With the adapters' tables collapsed (inference), this is one gather from their stack (`_stacked_tables`),
+        the ids of each example shifted to its adapter's rows, so a mixed batch costs what a one-adapter batch
+        costs. Otherwise each run of consecutive examples with the same adapter is gathered into its slice.
         """
         if len(adapter_names) != hidden_states.shape[0]:
             raise ValueError(
                 f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
                 f"of {hidden_states.shape[0]}."
             )
+        used = {name for name in adapter_names if name in self.aot_reparam}
+        if (stacked := self._stacked_tables(used)) is not None:
+            stack, starts = stacked
+            first_rows = torch.tensor([starts.get(name, 0) for name in adapter_names], device=token_ids.device)
+            bias = F.embedding(token_ids + first_rows[:, None], stack)
+            without = [b for b, name in enumerate(adapter_names) if name not in used]  # "__base__" and the like
+            if without:
+                bias[without] = 0
+            return bias
         bias = torch.empty_like(hidden_states)
         start = 0
         for adapter_name, run in itertools.groupby(adapter_names):

@@ -248,6 +248,46 @@ def test_mixed_batch_equals_each_example_alone():
     assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
 
 
+def _each_example_alone(model, ids, names):
+    alone = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                alone.append(model(input_ids=ids[i : i + 1]).logits)
+        else:
+            model.set_adapter(name)
+            alone.append(model(input_ids=ids[i : i + 1]).logits)
+    return torch.cat(alone)
+
+
+def test_collapsed_mixed_batch_is_one_gather_from_stacked_tables_without_extra_memory():
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    model.add_adapter("qnli", AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8))
+    for seed, name in enumerate(("sst2", "mnli", "qnli")):
+        randomize_adapter(model, name, seed + 1)
+    model.eval()
+    model.base_model.collapse()
+    ids = random_ids(batch=5)
+    names = ["mnli", "sst2", "__base__", "qnli", "mnli"]
+    layer = model.base_model._aot_layers()[0]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        stack, starts = layer._stack
+        for name in ("mnli", "qnli", "sst2"):  # views into the stack: it holds the only copy
+            assert layer.aot_collapsed[name].data_ptr() == stack[starts[name]].data_ptr()
+        torch.testing.assert_close(mixed, _each_example_alone(model, ids, names), rtol=1e-5, atol=1e-6)
+        # an adapter changed in place: its table is dropped as stale, and the stack is not used for it
+        next(p for n, p in model.named_parameters() if "aot_reparam.qnli" in n).add_(0.5)
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        assert "qnli" not in layer.aot_collapsed
+        torch.testing.assert_close(mixed, _each_example_alone(model, ids, names), rtol=1e-5, atol=1e-6)
+        model.base_model.collapse()  # collapsed again: a new stack
+        mixed_again = model(input_ids=ids, adapter_names=names).logits
+        assert layer.aot_collapsed["qnli"].data_ptr() == layer._stack[0][layer._stack[1]["qnli"]].data_ptr()
+    torch.testing.assert_close(mixed_again, mixed, rtol=1e-5, atol=1e-6)
+
+
 def test_mixed_batch_with_grad_enabled_mixes_a_trainable_and_a_collapsed_adapter():
     # "sst2" is active (trainable: its reparametrization runs, with a graph); "mnli" is inactive, so its collapsed
     # table is used. The table's gather must not write into the graph-carrying output in place.
