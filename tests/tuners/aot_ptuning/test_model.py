@@ -225,29 +225,6 @@ def test_initial_adapter_is_identity_and_training_moves_only_adapter_and_head():
     assert all("aot_reparam" in n or "modules_to_save" in n for n in changed)
 
 
-def test_mixed_batch_equals_each_example_alone():
-    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
-    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
-    randomize_adapter(model, "sst2", 1)
-    randomize_adapter(model, "mnli", 2)
-    model.eval()
-    ids = random_ids(batch=5)
-    names = ["sst2", "mnli", "__base__", "mnli", "sst2"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        alone = []
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    alone.append(model(input_ids=ids[i : i + 1]).logits)
-            else:
-                model.set_adapter(name)
-                alone.append(model(input_ids=ids[i : i + 1]).logits)
-    alone = torch.cat(alone)
-    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
-
-
 def _each_example_alone(model, ids, names):
     alone = []
     for i, name in enumerate(names):
@@ -258,6 +235,21 @@ def _each_example_alone(model, ids, names):
             model.set_adapter(name)
             alone.append(model(input_ids=ids[i : i + 1]).logits)
     return torch.cat(alone)
+
+
+def test_mixed_batch_equals_each_example_alone():
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    randomize_adapter(model, "sst2", 1)
+    randomize_adapter(model, "mnli", 2)
+    model.eval()
+    ids = random_ids(batch=5)
+    names = ["sst2", "mnli", "__base__", "mnli", "sst2"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        alone = _each_example_alone(model, ids, names)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(alone[0], alone[2], atol=1e-3)  # the tasks really differ
 
 
 def test_collapsed_mixed_batch_is_one_gather_from_stacked_tables_without_extra_memory():
