@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_ext.models.based import BasedConfig, BasedForCausalLM
+from hf_ext.models.based import BasedConfig, BasedForCausalLM, modeling_based
 from hf_ext.models.based.modeling_based import (
     BasedLinearAttention,
     expand_features,
@@ -297,7 +297,9 @@ def test_dpo_trainer_accepts_the_model(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("feature_map", KERNELS)
-def test_cuda_matches_cpu_in_float32_and_bfloat16(feature_map):
+def test_cuda_matches_cpu_in_float32_and_bfloat16(feature_map, monkeypatch):
+    # the torch forms on CUDA (fla's TF32 kernels are checked against them in test_fla_dispatch.py)
+    monkeypatch.setattr(modeling_based, "uses_fla", lambda x: False)
     q, k, v = torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 32)
     expected = linear_attention_parallel(q, k, v, feature_map)
     chunked, _ = linear_attention_chunked(*(x.cuda() for x in (q, k, v)), feature_map, chunk_size=64)
