@@ -431,7 +431,8 @@ def match(
             or ``("encoder", "decoder")`` (W_enc, b_enc and W_dec together, as in the paper's experiments).
         method: ``"exact"`` (dense LAP, ``n^2 * 8`` bytes) or ``"sparse"`` (top-``k`` candidate graph,
             ranked with bfloat16 products and costed exactly in float32; for wide SAEs, memory
-            ``O(n * k)`` plus one block).
+            ``O(n * k)`` plus one block; only if the fallback meets ``m`` features among which no
+            candidate beats an orthogonal partner does it pair them densely, ``m^2 * 8`` bytes).
         fold: fold JumpReLU thresholds into the weights first (Eq. 4; the paper's setting). SAEs
             without thresholds (ReLU, TopK) are compared as they are.
         k: candidates per feature for ``method="sparse"`` (from each side; 8 recovers planted pairs as

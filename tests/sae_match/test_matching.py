@@ -49,13 +49,16 @@ def test_dense_cost_matrix_matches_float64_reference():
     np.testing.assert_allclose(dense_cost_matrix(a, b, block_bytes=4 * 40 * 7), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_topk_candidates_match_brute_force():
-    a, b = torch.randn(70, 6), torch.randn(70, 6)
-    rows, cols, dots = topk_candidates(a, b, k=3, block_bytes=4 * 70 * 9, rank_dtype=torch.float32)  # 9-row blocks: exercises the merge
+# 70 features in 9-row blocks: plain topk, and the merge across blocks; 72 features in 16-row blocks
+# with k=2: the group-maxima top-k along rows and down the columns, and plain topk on the last 8 rows
+@pytest.mark.parametrize("n, block_rows, k", [(70, 9, 3), (72, 16, 2)])
+def test_topk_candidates_match_brute_force(n, block_rows, k):
+    a, b = torch.randn(n, 6), torch.randn(n, 6)
+    rows, cols, dots = topk_candidates(a, b, k=k, block_bytes=4 * n * block_rows, rank_dtype=torch.float32)
     torch.testing.assert_close(dots, (a[rows] * b[cols]).sum(1))
     dist = torch.cdist(a.double(), b.double())
-    expected = {(i, int(j)) for i in range(70) for j in dist[i].topk(3, largest=False).indices}
-    expected |= {(int(i), j) for j in range(70) for i in dist[:, j].topk(3, largest=False).indices}
+    expected = {(i, int(j)) for i in range(n) for j in dist[i].topk(k, largest=False).indices}
+    expected |= {(int(i), j) for j in range(n) for i in dist[:, j].topk(k, largest=False).indices}
     assert set(zip(rows.tolist(), cols.tolist())) == expected
 
 
@@ -133,6 +136,22 @@ def test_sparse_equals_exact_when_every_feature_is_left_out():
     sae_a.W_dec.data, sae_b.W_dec.data = a, b
     sparse, exact = match(sae_a, sae_b, method="sparse", k=2), match(sae_a, sae_b, method="exact")
     assert torch.equal(sparse.permutation, exact.permutation)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9])
+@pytest.mark.parametrize("all_left_out", [False, True])
+def test_sparse_with_k_at_least_n_is_the_exact_optimum(n, all_left_out):
+    # k >= n makes the candidate graph complete, so whatever the fallback leaves out and pairs
+    # (recursively, or densely when every <a_i, b_j> < 0), the optimum on the graph is the dense one
+    g = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    if all_left_out:
+        a, b = a.abs(), -b.abs()
+    sae_a, sae_b = random_sae(n, 4, "relu", seed=0), random_sae(n, 4, "relu", seed=1)
+    sae_a.W_dec.data, sae_b.W_dec.data = a, b
+    sparse, exact = match(sae_a, sae_b, method="sparse", k=n), match(sae_a, sae_b, method="exact")
+    assert sorted(sparse.permutation.tolist()) == list(range(n))
+    assert sparse.total == pytest.approx(exact.total, rel=1e-6)
 
 
 def test_matching_of_a_permuted_copy_is_that_permutation():
