@@ -263,12 +263,12 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
 
     def _stacked_tables(self, adapter_names: set[str]) -> tuple[torch.Tensor, dict[str, int]] | None:
         """Every collapsed table of this layer in one ``[sum V, d]`` tensor and the first row of each, or None when
-        one of `adapter_names` has no usable collapsed table (or the tables' dtypes differ).
+        `adapter_names` is empty or one of them has no usable collapsed table (or the tables' dtypes differ).
 
         Built on first use; each adapter's table then becomes a view into it, so the stack costs no memory, and it
         is rebuilt when a table is no longer the view it made (collapsed again, or dropped as stale).
         """
-        if not all(self._collapsed_table(name) is not None for name in adapter_names):
+        if not adapter_names or not all(self._collapsed_table(name) is not None for name in adapter_names):
             return None
         if self._stack is not None:
             stack, starts = self._stack

@@ -280,6 +280,21 @@ def test_collapsed_mixed_batch_is_one_gather_from_stacked_tables_without_extra_m
     torch.testing.assert_close(mixed_again, mixed, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("collapsed", [False, True])
+def test_mixed_batch_of_base_examples_only_is_the_base_model(collapsed):
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    randomize_adapter(model, "sst2", 1)
+    model.eval()
+    if collapsed:
+        model.base_model.collapse()
+    ids = random_ids(batch=3)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["__base__"] * 3).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed, base, rtol=0, atol=0)
+
+
 def test_mixed_batch_with_grad_enabled_mixes_a_trainable_and_a_collapsed_adapter():
     # "sst2" is active (trainable: its reparametrization runs, with a graph); "mnli" is inactive, so its collapsed
     # table is used. The table's gather must not write into the graph-carrying output in place.
