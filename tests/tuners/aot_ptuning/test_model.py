@@ -225,6 +225,15 @@ def test_initial_adapter_is_identity_and_training_moves_only_adapter_and_head():
     assert all("aot_reparam" in n or "modules_to_save" in n for n in changed)
 
 
+def two_task_model():
+    """A tiny RoBERTa with random "sst2" (FC) and "mnli" (Kronecker) adapters, in eval mode."""
+    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
+    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    randomize_adapter(model, "sst2", 1)
+    randomize_adapter(model, "mnli", 2)
+    return model.eval()
+
+
 def _each_example_alone(model, ids, names):
     alone = []
     for i, name in enumerate(names):
@@ -238,11 +247,7 @@ def _each_example_alone(model, ids, names):
 
 
 def test_mixed_batch_equals_each_example_alone():
-    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
-    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
-    randomize_adapter(model, "sst2", 1)
-    randomize_adapter(model, "mnli", 2)
-    model.eval()
+    model = two_task_model()
     ids = random_ids(batch=5)
     names = ["sst2", "mnli", "__base__", "mnli", "sst2"]
     with torch.no_grad():
@@ -253,11 +258,9 @@ def test_mixed_batch_equals_each_example_alone():
 
 
 def test_collapsed_mixed_batch_is_one_gather_from_stacked_tables_without_extra_memory():
-    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
-    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
+    model = two_task_model()
     model.add_adapter("qnli", AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8))
-    for seed, name in enumerate(("sst2", "mnli", "qnli")):
-        randomize_adapter(model, name, seed + 1)
+    randomize_adapter(model, "qnli", 3)
     model.eval()
     model.base_model.collapse()
     ids = random_ids(batch=5)
@@ -298,11 +301,7 @@ def test_mixed_batch_of_base_examples_only_is_the_base_model(collapsed):
 def test_mixed_batch_with_grad_enabled_mixes_a_trainable_and_a_collapsed_adapter():
     # "sst2" is active (trainable: its reparametrization runs, with a graph); "mnli" is inactive, so its collapsed
     # table is used. The table's gather must not write into the graph-carrying output in place.
-    model = get_peft_model(tiny_roberta(), AoTPTuningConfig(task_type="SEQ_CLS", fc_hidden_size=8), adapter_name="sst2")
-    model.add_adapter("mnli", AoTPTuningConfig(task_type="SEQ_CLS", reparametrization="kronecker", kronecker_rank=3))
-    randomize_adapter(model, "sst2", 1)
-    randomize_adapter(model, "mnli", 2)
-    model.eval()
+    model = two_task_model()
     model.base_model.collapse()
     ids = random_ids(batch=3)
     names = ["sst2", "mnli", "__base__"]
