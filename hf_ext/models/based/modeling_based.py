@@ -305,10 +305,11 @@ class BasedLinearAttention(nn.Module):
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         # 2. One new token with a state: the recurrent step; otherwise the chunked form from the state (if any).
         # fla's kernels on CUDA when installed, the torch forms otherwise.
+        on_fla = uses_fla(q)
         if state is not None and q.shape[1] == 1:
-            recurrent = fla_linear_attention_recurrent if uses_fla(q) else linear_attention_recurrent
+            recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
             y, final_state = recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
-        elif uses_fla(q):
+        elif on_fla:
             y, final_state = fla_linear_attention_chunked(
                 q, k, v, self.feature_map, self.eps, state, padding_mask, output_final_state=cache is not None
             )
