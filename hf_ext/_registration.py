@@ -26,8 +26,8 @@ def register_all() -> None:
         _done.add(module_name)
 
 
-def _same_class(a: type, b: type) -> bool:
-    # A reloaded module gives a new class object with the same qualified name.
+def same_class(a: type, b: type) -> bool:
+    """Whether ``a`` and ``b`` are one class, counting a class re-created by reloading its module as the same."""
     return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
 
 
@@ -39,15 +39,17 @@ def register_auto_classes(config_cls: type, auto_to_model: dict) -> None:
         auto_to_model: maps an Auto class (``AutoModel``, ``AutoModelForCausalLM``, ...) to the model
             class it should build for ``config_cls``.
 
-    A name that already maps to one of our classes (a second import, a reload) is re-pointed at the
-    current class; a name that maps to a foreign class stays the user's, with a warning.
+    Registration goes through the public ``register(..., exist_ok=True)``: a second import, or a reload
+    of the module (a new class object), re-points ``model_type`` at the current classes, and the Auto
+    classes find the model by the class of the loaded config. A ``model_type`` the user registered to a
+    class of their own stays theirs, with a warning.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config_cls.model_type
-    existing = CONFIG_MAPPING._extra_content.get(model_type)
-    if existing is not None and not _same_class(existing, config_cls):
+    existing = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None
+    if existing is not None and not same_class(existing, config_cls):
         logger.warning(
             "model_type %r is already registered to %s.%s; hf_ext leaves it as it is.",
             model_type,
@@ -57,13 +59,7 @@ def register_auto_classes(config_cls: type, auto_to_model: dict) -> None:
         return
     AutoConfig.register(model_type, config_cls, exist_ok=True)
     for auto_cls, model_cls in auto_to_model.items():
-        mapping = auto_cls._model_mapping
-        stale = {k: c for k, c in mapping._extra_content.items() if k.model_type == model_type}
-        for key, previous in stale.items():
-            del mapping._extra_content[key]  # keyed by the config class of an earlier import of its module
-            if not _same_class(previous, model_cls):
-                logger.warning("%s already mapped %r to %s; re-pointing it.", auto_cls.__name__, model_type, previous)
         auto_cls.register(config_cls, model_cls, exist_ok=True)
 
 
-__all__ = ["register_all", "register_auto_classes"]
+__all__ = ["register_all", "register_auto_classes", "same_class"]

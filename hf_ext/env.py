@@ -5,18 +5,24 @@ import importlib.metadata
 import platform
 
 _PACKAGES = ["hf-ext", "torch", "transformers", "trl", "peft", "diffusers", "accelerate", "datasets",
-             "huggingface_hub", "safetensors", "scipy", "flash-linear-attention"]
+             "huggingface_hub", "safetensors", "scipy", "fla-core", "triton"]
 
 
 def collect_env() -> dict[str, str]:
-    """Python, platform, package versions ("not installed" where missing) and the torch device."""
+    """Python, platform, package versions ("not installed" where missing) and the torch build and device.
+
+    torch is reported as the running build says (``torch.__version__``, e.g. ``2.14.1+cu130``), with its CUDA
+    version: a wheel's distribution version may leave out the build (PyPI's CUDA wheels are ``2.14.1``).
+    """
+    import torch
+
     info = {"python": platform.python_version(), "platform": platform.platform()}
     for name in _PACKAGES:
         try:
             info[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             info[name] = "not installed"
-    import torch
+    info["torch"] = f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
 
     if torch.cuda.is_available():
         info["device"] = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"

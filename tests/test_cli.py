@@ -40,7 +40,10 @@ def test_env_prints_versions_and_device(capsys):
 
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    assert f"- torch: {torch.__version__}" in out
+    # the running build, whichever wheel gave it (the local CPU wheel's metadata says 2.13.0+cpu, PyPI's CUDA
+    # wheel's says 2.14.1 while torch.__version__ is 2.14.1+cu130)
+    expected = f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
+    assert f"- torch: {expected}\n" in out
     assert "- device: cpu" in out or "- device: cuda" in out
 
 
@@ -50,3 +53,17 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"hf-ext {__version__}"
+
+
+def test_env_reports_the_running_cuda_build_not_the_wheel_metadata(monkeypatch, capsys):
+    # PyPI's CUDA wheel: distribution version 2.14.1, torch.__version__ 2.14.1+cu130.
+    import importlib.metadata
+
+    import torch
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.14.1" if name == "torch" else real_version(name))
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert main(["env"]) == 0
+    assert "- torch: 2.14.1+cu130 (CUDA 13.0)\n" in capsys.readouterr().out

@@ -34,14 +34,14 @@ def test_unknown_name_raises_attribute_error():
 
 
 def test_register_all_is_idempotent_across_reloads():
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers import AutoModelForCausalLM
 
-    before = dict(CONFIG_MAPPING._extra_content)
     register_all()
     importlib.reload(hf_ext)
     register_all()
-    after = dict(CONFIG_MAPPING._extra_content)
-    assert after.keys() == before.keys()
+    config = AutoConfig.for_model("based", vocab_size=32, hidden_size=16, num_hidden_layers=1)
+    assert type(config) is hf_ext.BasedConfig
+    assert type(AutoModelForCausalLM.from_config(config)) is hf_ext.BasedForCausalLM
 
 
 class _DummyConfig(PreTrainedConfig):
@@ -52,24 +52,23 @@ class _DummyModel(PreTrainedModel):
     config_class = _DummyConfig
 
 
-def _mapped_models(auto_cls, model_type):
-    return [m for c, m in auto_cls._model_mapping._extra_content.items() if c.model_type == model_type]
-
-
 def test_register_auto_classes_twice_keeps_one_mapping():
     register_auto_classes(_DummyConfig, {AutoModel: _DummyModel})
     register_auto_classes(_DummyConfig, {AutoModel: _DummyModel})
     assert AutoConfig.for_model("hf_ext_dummy_for_tests").__class__ is _DummyConfig
-    assert _mapped_models(AutoModel, "hf_ext_dummy_for_tests") == [_DummyModel]
+    assert type(AutoModel.from_config(_DummyConfig())) is _DummyModel
 
 
 def test_register_auto_classes_repoints_a_reloaded_class():
-    # A reloaded module defines a new class object with the same qualified name.
-    Reloaded = type(_DummyModel.__name__, (PreTrainedModel,), {"config_class": _DummyConfig, "__module__": __name__})
+    # A reloaded module defines new class objects with the same qualified names.
+    ReloadedConfig = type(_DummyConfig.__name__, (PreTrainedConfig,), {"model_type": _DummyConfig.model_type, "__module__": __name__})
+    ReloadedConfig.__qualname__ = _DummyConfig.__qualname__
+    Reloaded = type(_DummyModel.__name__, (PreTrainedModel,), {"config_class": ReloadedConfig, "__module__": __name__})
     Reloaded.__qualname__ = _DummyModel.__qualname__
     register_auto_classes(_DummyConfig, {AutoModel: _DummyModel})
-    register_auto_classes(_DummyConfig, {AutoModel: Reloaded})
-    assert _mapped_models(AutoModel, "hf_ext_dummy_for_tests") == [Reloaded]
+    register_auto_classes(ReloadedConfig, {AutoModel: Reloaded})
+    assert AutoConfig.for_model("hf_ext_dummy_for_tests").__class__ is ReloadedConfig
+    assert type(AutoModel.from_config(ReloadedConfig())) is Reloaded
 
 
 def test_register_auto_classes_leaves_a_users_class_alone(caplog):

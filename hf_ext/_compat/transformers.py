@@ -1,0 +1,1 @@
+"""Touches of transformers' private names (see :mod:`hf_ext._compat`)."""

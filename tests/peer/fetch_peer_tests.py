@@ -1,0 +1,324 @@
+"""Bring the peer libraries' own test suites into ``tests/peer/_suites/`` (git-ignored), pinned and checked.
+
+hf_ext's models, trainer, tuner and pipeline are tested with the test mixins that transformers, TRL, PEFT and
+diffusers run on their own classes. Those files are not ours and are not committed: this script brings them in,
+byte for byte, and checks each against the sha256 pinned in :data:`SUITES`, so a run always tests against the
+suite of the installed version and never against a hand-edited copy.
+
+Sources, per suite:
+
+1. **PyPI source distribution** of the installed version (``pip download --no-deps --no-binary :all:``), its
+   archive and every extracted file checked against their pins. transformers and PEFT ship (part of) their tests
+   this way.
+2. **A copy of the library's repository** given with ``--source LIB=DIR``: a git checkout, a bare git directory
+   (files are read at the pinned commit) or a plain folder holding the files at their repository paths. This is
+   for the files the sdist does not ship: transformers' ``tests/generation/test_utils.py`` (GenerationTesterMixin),
+   ``tests/exporters/test_export.py`` and ``tests/utils/test_configuration_utils.py``; TRL and diffusers ship no
+   tests in their sdists at all. PyPI is the only network this project's CI reaches, so there these files are
+   absent unless a copy is at hand.
+
+A suite whose files are not all present is written without them; hf_ext's tests that need a missing file skip
+with a reason naming the file and this command (``tests/peer/peer_suites.py``). For transformers, whose
+``test_modeling_common.py`` imports the three modules the sdist omits, a missing module is replaced by the small
+stand-in in :data:`STAND_INS` (written by this script, marked as such): ``ModelTesterMixin`` then runs without
+the export tests, and ``GenerationTesterMixin`` is a marker that makes hf_ext's generation test classes skip.
+
+Usage::
+
+    python tests/peer/fetch_peer_tests.py                      # everything PyPI has, for the installed versions
+    python tests/peer/fetch_peer_tests.py --source trl=/path/to/trl --source diffusers=/path/to/diffusers
+    python tests/peer/fetch_peer_tests.py --print-hashes --source ...   # new pins after an upgrade
+
+The pins are per version: when an installed version has no pins, the script stops and says which; update
+:data:`SUITES` with ``--print-hashes`` after reading the diff of the peer's tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUITES_DIR = Path(__file__).resolve().parent / "_suites"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One peer library's test files at one version.
+
+    Args:
+        library: the distribution name, as ``pip`` and ``importlib.metadata`` know it.
+        version: the installed version these pins are for.
+        package: the import name the suite gets under ``tests/peer/_suites`` (its ``tests/`` folder renamed).
+        sdist_sha256: sha256 of the PyPI source distribution, or ``None`` when the sdist ships none of the files.
+        sdist_files: repository path -> sha256, for files taken from the sdist.
+        repo: ``owner/name`` on GitHub, where ``--source`` copies come from.
+        commit: the commit of ``repo`` that ``repo_files`` are pinned at.
+        repo_files: repository path -> sha256, for files taken from ``--source``.
+    """
+
+    library: str
+    version: str
+    package: str
+    sdist_sha256: str | None
+    sdist_files: dict[str, str]
+    repo: str
+    commit: str
+    repo_files: dict[str, str] = field(default_factory=dict)
+
+
+SUITES: dict[str, Suite] = {
+    "transformers": Suite(
+        library="transformers",
+        version="5.25.0",
+        package="transformers_tests",
+        sdist_sha256="9120226c6bf170d69abc3029036799bb5d48e552f7127646a529a5c9309812e2",
+        sdist_files={
+            "tests/test_modeling_common.py": "b76190b86d67b334d474eb2d043dfa695caf45a3ceab68bc08ebf4280784abb4",
+            "tests/test_configuration_common.py": "a8ac6455ff1bc085c147de71930a3bf57eb4e1ff880102ccaa627477b1f111e4",
+        },
+        repo="huggingface/transformers",
+        commit="",
+        repo_files={},
+    ),
+    "peft": Suite(
+        library="peft",
+        version="0.21.2",
+        package="peft_tests",
+        sdist_sha256="b803ccfb3f3f316004d850284306687833a2235ea278fb56abc856203456142e",
+        sdist_files={
+            "tests/testing_common.py": "8dbd9db362130cae88a127eaed4e19d95a652be1e259bcaf6dc6dbe03e31f2da",
+            "tests/testing_utils.py": "157a4243f2404a942f54fa51489e25409bda365a35828931be172547852cb017",
+            "tests/test_decoder_models.py": "accb15cc235bba7e35c66712d7a0bc42eb54c6245af51b77a201a78b68ac31e9",
+            "tests/test_encoder_decoder_models.py": "6e59ca9bcb5a338166d90fabcc74baad615e4b9a916758955d7c2564da9660f4",
+            "tests/test_feature_extraction_models.py": "c309ca0391b69c74ce60100d0a9e411e98ce44a54888b179a536cb4dfd6b7c6e",
+            "tests/test_seq_classifier.py": "176217a34e7d82b554576c990a57798607afa8777aa10fe1b8c05b7841270207",
+        },
+        repo="huggingface/peft",
+        commit="",
+    ),
+    "trl": Suite(
+        library="trl",
+        version="1.16.0",
+        package="trl_tests",
+        sdist_sha256=None,
+        sdist_files={},
+        repo="huggingface/trl",
+        commit="f2cd57710ae345ea6428ae95363267fcf38a3dc8",
+        repo_files={},
+    ),
+    "diffusers": Suite(
+        library="diffusers",
+        version="0.42.1",
+        package="diffusers_tests",
+        sdist_sha256=None,
+        sdist_files={},
+        repo="huggingface/diffusers",
+        commit="58eb52c0803ea9af3abec60841c2a093bdf1f951",
+        repo_files={},
+    ),
+}
+
+# Written in place of a transformers module the sdist does not ship, only when no --source copy provides it.
+# Each is hf_ext's own minimal stand-in, not transformers' code; `HF_EXT_STAND_IN` marks it.
+STAND_INS: dict[str, dict[str, str]] = {
+    "transformers": {
+        "tests/exporters/test_export.py": (
+            '"""hf_ext stand-in: transformers 5.25.0\'s sdist does not ship tests/exporters/test_export.py.\n\n'
+            "ModelTesterMixin derives from ExportTesterMixin; without the real file the export tests do not run.\n"
+            '"""\n\nHF_EXT_STAND_IN = True\n\n\nclass ExportTesterMixin:\n    pass\n'
+        ),
+        "tests/generation/test_utils.py": (
+            '"""hf_ext stand-in: transformers 5.25.0\'s sdist does not ship tests/generation/test_utils.py.\n\n'
+            "hf_ext's generation test classes see HF_EXT_STAND_IN and skip, naming the missing file.\n"
+            '"""\n\nHF_EXT_STAND_IN = True\n\n\nclass GenerationTesterMixin:\n    pass\n'
+        ),
+        "tests/utils/test_configuration_utils.py": (
+            '"""hf_ext stand-in: transformers 5.25.0\'s sdist does not ship tests/utils/test_configuration_utils.py.\n\n'
+            "ConfigTester.check_config_arguments_init sets these common PreTrainedConfig arguments to non-default\n"
+            "values and checks the config keeps them; the values here are hf_ext's choice.\n"
+            '"""\n\nHF_EXT_STAND_IN = True\n\n'
+            "config_common_kwargs = {\n"
+            '    "return_dict": False,\n'
+            '    "output_hidden_states": True,\n'
+            '    "output_attentions": True,\n'
+            '    "dtype": "float16",\n'
+            '    "tie_word_embeddings": False,\n'
+            '    "is_decoder": True,\n'
+            '    "add_cross_attention": True,\n'
+            '    "chunk_size_feed_forward": 5,\n'
+            '    "architectures": ["BertModel"],\n'
+            '    "id2label": {0: "label"},\n'
+            '    "label2id": {"label": "0"},\n'
+            '    "problem_type": "regression",\n'
+            '    "bos_token_id": 6,\n'
+            '    "pad_token_id": 7,\n'
+            '    "eos_token_id": 8,\n'
+            '    "sep_token_id": 9,\n'
+            '    "decoder_start_token_id": 10,\n'
+            "}\n"
+        ),
+    },
+}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def installed_version(library: str) -> str:
+    try:
+        return importlib.metadata.version(library)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def download_sdist(suite: Suite, workdir: Path, check: bool) -> bytes:
+    """The suite's sdist from PyPI (pip's index settings apply), checked against its pin when ``check``."""
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+    command += ["--dest", str(workdir), f"{suite.library}=={suite.version}"]
+    subprocess.run(command, check=True)
+    (archive,) = workdir.glob(f"{suite.library}-{suite.version}.tar.gz")
+    data = archive.read_bytes()
+    if check and sha256(data) != suite.sdist_sha256:
+        raise SystemExit(f"{archive.name}: sha256 {sha256(data)} does not match the pin {suite.sdist_sha256}.")
+    if not check:
+        print(f"{suite.library}\t{archive.name}\t{sha256(data)}")
+    return data
+
+
+def read_sdist_files(archive: bytes, wanted: set[str]) -> dict[str, bytes]:
+    """The ``wanted`` files of the sdist, by repository path (the sdist's top folder stripped)."""
+    found = {}
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            path = member.name.split("/", 1)[-1]
+            if path in wanted and member.isfile():
+                found[path] = tar.extractfile(member).read()
+    return found
+
+
+def pytest_markers(pyproject: bytes | None) -> list[str]:
+    """The ``[tool.pytest.ini_options] markers`` a suite's tests are decorated with (registered by tests/conftest.py)."""
+    if pyproject is None or sys.version_info < (3, 11):
+        return []
+    import tomllib
+
+    pytest_table = tomllib.loads(pyproject.decode()).get("tool", {}).get("pytest", {})
+    return pytest_table.get("ini_options", pytest_table).get("markers", [])  # pytest 9 also reads [tool.pytest]
+
+
+def read_source_file(source: Path, suite: Suite, path: str) -> bytes | None:
+    """``path`` from a --source copy: a plain folder or checkout first, else a git directory at the pinned commit."""
+    plain = source / path
+    if plain.is_file():
+        return plain.read_bytes()
+    shown = subprocess.run(
+        ["git", "--git-dir", str(_git_dir(source)), "show", f"{suite.commit}:{path}"], capture_output=True
+    )
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _git_dir(source: Path) -> Path:
+    return source / ".git" if (source / ".git").exists() else source
+
+
+def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tuple[dict[str, bytes], list[str], list[str]]:
+    """The files of ``suite`` its sources provide (checked against their pins when ``check``), the missing ones,
+    and the pytest markers its ``pyproject.toml`` declares."""
+    files: dict[str, bytes] = {}
+    pyproject = None
+    if suite.sdist_sha256 is not None:
+        archive = download_sdist(suite, workdir, check)
+        files.update(read_sdist_files(archive, set(suite.sdist_files)))
+        pyproject = read_sdist_files(archive, {"pyproject.toml"}).get("pyproject.toml")
+    if source is not None:
+        for path in suite.repo_files:
+            data = read_source_file(source, suite, path)
+            if data is not None:
+                files[path] = data
+        pyproject = pyproject or read_source_file(source, suite, "pyproject.toml")
+    pins = {**suite.sdist_files, **suite.repo_files}
+    if check:
+        wrong = [f"{path}: sha256 {sha256(data)} (pinned {pins[path]})" for path, data in files.items() if sha256(data) != pins[path]]
+        if wrong:
+            raise SystemExit(f"{suite.library}: files differ from their pins:\n  " + "\n  ".join(wrong))
+    return files, sorted(set(pins) - set(files)), pytest_markers(pyproject)
+
+
+def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
+    """Write the files as package ``suite.package`` (the repository's ``tests/`` renamed), replacing the old one."""
+    root = SUITES_DIR / suite.package
+    staging = SUITES_DIR / f".{suite.package}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    stand_ins = {p: t.encode() for p, t in STAND_INS.get(suite.library, {}).items() if p in missing or p not in files}
+    for path, data in {**stand_ins, **files}.items():
+        target = staging / Path(path).relative_to("tests")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    for folder in [staging, *[p for p in staging.rglob("*") if p.is_dir()]]:
+        (folder / "__init__.py").touch()
+    manifest = [f"{suite.library} {suite.version}"]
+    manifest += [f"missing {path}" for path in missing]
+    manifest += [f"stand-in {path}" for path in sorted(stand_ins)]
+    (staging / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
+    (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", action="append", default=[], metavar="LIB=DIR", help="a copy of LIB's repository")
+    parser.add_argument("--only", action="append", choices=sorted(SUITES), help="fetch these suites only")
+    parser.add_argument("--print-hashes", action="store_true", help="print the files' sha256 instead of checking them")
+    args = parser.parse_args(argv)
+    sources = dict(_parse_source(s) for s in args.source)
+    unknown = set(sources) - set(SUITES)
+    if unknown:
+        parser.error(f"--source names unknown libraries {sorted(unknown)}; known: {sorted(SUITES)}")
+
+    SUITES_DIR.mkdir(exist_ok=True)
+    (SUITES_DIR / ".gitignore").write_text("*\n")
+    for name in args.only or sorted(SUITES):
+        suite = SUITES[name]
+        installed = installed_version(suite.library)
+        if installed != suite.version:
+            raise SystemExit(
+                f"{suite.library}: the pinned suite is for {suite.version}, installed is {installed}. Install "
+                f"{suite.library}=={suite.version}, or pin the new version's files (see --print-hashes)."
+            )
+        with tempfile.TemporaryDirectory() as workdir:
+            files, missing, markers = gather(suite, sources.get(name), Path(workdir), check=not args.print_hashes)
+        if args.print_hashes:
+            for path, data in sorted(files.items()):
+                print(f"{name}\t{path}\t{sha256(data)}")
+            continue
+        root = write_suite(suite, files, missing, markers)
+        note = f"; missing {len(missing)}: {', '.join(missing)}" if missing else ""
+        print(f"{name} {suite.version}: {len(files)} files -> {root.relative_to(Path.cwd()) if root.is_relative_to(Path.cwd()) else root}{note}")
+    return 0
+
+
+def _parse_source(text: str) -> tuple[str, Path]:
+    library, sep, folder = text.partition("=")
+    if not sep or not folder:
+        raise SystemExit(f"--source takes LIB=DIR, got {text!r}.")
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise SystemExit(f"--source {library}: {path} does not exist.")
+    return library, path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
