@@ -143,27 +143,18 @@ STAND_INS: dict[str, dict[str, str]] = {
         ),
         "tests/utils/test_configuration_utils.py": (
             '"""hf_ext stand-in: transformers 5.25.0\'s sdist does not ship tests/utils/test_configuration_utils.py.\n\n'
-            "ConfigTester.check_config_arguments_init sets these common PreTrainedConfig arguments to non-default\n"
-            "values and checks the config keeps them; the values here are hf_ext's choice.\n"
+            "ConfigTester.check_config_arguments_init sets these PreTrainedConfig arguments (those of its 5.25.0\n"
+            "signature) to non-default values and checks that the config keeps them; the values are hf_ext's choice.\n"
             '"""\n\nHF_EXT_STAND_IN = True\n\n'
             "config_common_kwargs = {\n"
             '    "return_dict": False,\n'
             '    "output_hidden_states": True,\n'
-            '    "output_attentions": True,\n'
             '    "dtype": "float16",\n'
-            '    "tie_word_embeddings": False,\n'
-            '    "is_decoder": True,\n'
-            '    "add_cross_attention": True,\n'
             '    "chunk_size_feed_forward": 5,\n'
             '    "architectures": ["BertModel"],\n'
             '    "id2label": {0: "label"},\n'
             '    "label2id": {"label": "0"},\n'
             '    "problem_type": "regression",\n'
-            '    "bos_token_id": 6,\n'
-            '    "pad_token_id": 7,\n'
-            '    "eos_token_id": 8,\n'
-            '    "sep_token_id": 9,\n'
-            '    "decoder_start_token_id": 10,\n'
             "}\n"
         ),
     },
