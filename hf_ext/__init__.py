@@ -15,7 +15,7 @@ _LAZY_IMPORTS: dict[str, list[str]] = {
     "hf_ext.model_card": ["render_model_card", "save_model_card"],
     "hf_ext.models.based": ["BasedConfig", "BasedForCausalLM", "BasedModel"],
     "hf_ext.merging": ["interpolate_checkpoints", "interpolate_models"],
-    "hf_ext.models.palbert": ["PalbertConfig", "PalbertForSequenceClassification"],
+    "hf_ext.models.palbert": ["PalbertConfig", "PalbertForSequenceClassification", "PalbertModel"],
     "hf_ext.trainers.trdpo": ["TRDPOConfig", "TRDPOTrainer"],
     "hf_ext.tuners.aot_ptuning": ["AoTPTuningConfig", "AoTPTuningModel"],
     "hf_ext.generation.caif": ["CAIFLogitsProcessor"],

@@ -60,16 +60,11 @@ class PalbertConfig(AlbertConfig):
     lambda_head_layers: int = 3
     inference_mode: str = "q_exit"
 
-    def __post_init__(self, **kwargs):
-        # `@strict` runs `validate_*` methods too, but wraps their errors in StrictDataclassClassValidationError,
-        # which is not a ValueError; calling the check here first keeps construction and loading (`from_dict`
-        # builds the config through `__init__`) on a plain ValueError naming the field.
-        self.validate_pondering()
-        super().__post_init__(**kwargs)
-
     def validate_pondering(self):
-        """Check the pondering fields. Also run by `@strict` on `save_pretrained`, so a config edited after
-        construction (`config.exit_threshold = 1.5`) is not saved."""
+        """Check the pondering fields. `@strict` runs this on construction, on loading and on `save_pretrained`
+        (so a config edited after construction, `config.exit_threshold = 1.5`, is not saved), and raises
+        `huggingface_hub.errors.StrictDataclassClassValidationError` quoting the `ValueError` below, as
+        transformers' own configs do."""
         for name in ("exit_threshold", "prior_lambda"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:

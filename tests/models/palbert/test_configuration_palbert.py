@@ -1,8 +1,9 @@
 import json
+import re
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
 from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
 
@@ -29,9 +30,16 @@ def test_defaults_are_the_papers():
         ("lambda_head_layers", -1),
     ],
 )
-def test_bad_values_raise_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=f"`{field}`.*{value!r}" if isinstance(value, str) else f"`{field}`"):
+def test_bad_values_are_rejected_by_strict_naming_the_field_and_value(field, value):
+    # `@strict` runs `validate_pondering` and wraps its ValueError, as for transformers' own configs.
+    message = rf"validator 'validate_pondering':\s+ValueError: `{field}` .*got {re.escape(repr(value))}\.$"
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
         PalbertConfig(**TINY, **{field: value})
+
+
+def test_wrong_type_is_rejected_by_strict():
+    with pytest.raises(StrictDataclassFieldValidationError, match="Field 'exit_threshold' .* got str"):
+        PalbertConfig(**TINY, exit_threshold="0.5")
 
 
 def test_bad_value_in_a_saved_config_is_rejected_on_load(tmp_path):
@@ -39,7 +47,7 @@ def test_bad_value_in_a_saved_config_is_rejected_on_load(tmp_path):
     data = json.loads((tmp_path / "config.json").read_text())
     data["exit_threshold"] = 1.2
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="`exit_threshold` must be in the open interval"):
+    with pytest.raises(StrictDataclassClassValidationError, match="`exit_threshold` must be in the open interval .* 1.2"):
         PalbertConfig.from_pretrained(tmp_path)
 
 

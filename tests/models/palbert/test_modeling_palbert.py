@@ -7,12 +7,13 @@ from transformers import (
     AlbertConfig,
     AlbertForSequenceClassification,
     AlbertModel,
+    AutoModel,
     AutoModelForSequenceClassification,
     Trainer,
     TrainingArguments,
 )
 
-from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification
+from hf_ext.models.palbert import PalbertConfig, PalbertForSequenceClassification, PalbertModel
 from hf_ext.models.palbert.modeling_palbert import (
     PalbertLambdaHead,
     exit_distribution,
@@ -40,11 +41,11 @@ def _tiny_config(**overrides) -> PalbertConfig:
     return PalbertConfig(**{**_albert_fields(), "lambda_head_layers": 1, **overrides})
 
 
-def _tiny_palbert(seed: int = 0, **overrides) -> PalbertForSequenceClassification:
+def _tiny_palbert(seed: int = 1, **overrides) -> PalbertForSequenceClassification:
     """A random tiny PALBERT whose exit head is scaled up, so that examples exit at different steps."""
     torch.manual_seed(seed)
     model = PalbertForSequenceClassification(_tiny_config(**{"initializer_range": 0.5, **overrides})).eval()
-    for module in model.lambda_head.modules():
+    for module in model.palbert.lambda_head.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, std=5.0 / module.in_features**0.5)
             torch.nn.init.normal_(module.bias, mean=-1.0, std=0.5)
@@ -67,16 +68,35 @@ def _batch(batch_size: int = 12, seed: int = 1):
     return input_ids * attention_mask, attention_mask, lengths
 
 
+def _albert_state_dict(model) -> dict:
+    """PALBERT's weights under ALBERT's names ("palbert." -> "albert."), without the exit head."""
+    return {
+        key.replace("palbert.", "albert.", 1): value
+        for key, value in model.state_dict().items()
+        if not key.startswith("palbert.lambda_head.")
+    }
+
+
+def _stock_albert(model) -> AlbertModel:
+    """A stock `AlbertModel` holding PALBERT's encoder and pooler."""
+    groups = {"num_hidden_groups": model.config.num_hidden_groups, "inner_group_num": model.config.inner_group_num}
+    albert = AlbertModel(_tiny_albert_config(**groups)).eval()
+    state = {k.removeprefix("albert."): v for k, v in _albert_state_dict(model).items() if k.startswith("albert.")}
+    albert.load_state_dict(state)
+    return albert
+
+
 def _reference_steps(model, input_ids, attention_mask):
     """Plain reference: stock AlbertModel hidden states, then pooler, classifier and lambda head per step."""
-    hidden_states = model.albert(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+    albert = _stock_albert(model)
+    hidden_states = albert(input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
     step_logits, lambdas = [], []
     previous = torch.zeros(input_ids.shape[0], model.config.hidden_size)
     for t, hidden in enumerate(hidden_states[-NUM_STEPS:]):
-        pooled = torch.tanh(model.albert.pooler(hidden[:, 0]))
+        pooled = torch.tanh(albert.pooler(hidden[:, 0]))
         step_logits.append(model.classifier(pooled))
         if t < NUM_STEPS - 1:
-            lambdas.append(torch.sigmoid(model.lambda_head(pooled, previous)))
+            lambdas.append(torch.sigmoid(model.palbert.lambda_head(pooled, previous)))
         previous = pooled
     return torch.stack(step_logits, 1), torch.stack(lambdas, 1)
 
@@ -93,7 +113,7 @@ def _plain_exit_probs(lambdas):
 
 
 def _plain_kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
 # --- the formulas -----------------------------------------------------------------------------------
@@ -130,7 +150,7 @@ def test_saturated_exit_head_gives_finite_gradients():
     torch.testing.assert_close(logits32.grad, logits64.grad.float(), atol=1e-6, rtol=1e-4)
 
     model = _tiny_palbert()
-    torch.nn.init.constant_(model.lambda_head.out.bias, 50.0)  # every lambda_t = 1: p = (1, 0, ..., 0)
+    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, 50.0)  # every lambda_t = 1: p = (1, 0, ..., 0)
     input_ids, attention_mask, _ = _batch(batch_size=4)
     model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -201,8 +221,7 @@ def test_full_mode_equals_albert_for_sequence_classification(groups):
     # Two groups of two layers: steps 1-3 use group 0 and steps 4-6 group 1, as in ALBERT's encoder loop.
     model = _tiny_palbert(hidden_dropout_prob=0.0, **groups)
     albert = AlbertForSequenceClassification(_tiny_albert_config(initializer_range=0.5, **groups)).eval()
-    missing, unexpected = albert.load_state_dict(model.state_dict(), strict=False)
-    assert not missing and all(key.startswith("lambda_head.") for key in unexpected)
+    albert.load_state_dict(_albert_state_dict(model))
     input_ids, attention_mask, _ = _batch()
     with torch.no_grad():
         expected = albert(input_ids, attention_mask=attention_mask).logits
@@ -236,7 +255,7 @@ def test_q_exit_batch_equals_one_by_one_and_dense_rule():
 def test_active_batch_shrinks():
     model = _tiny_palbert()
     rows_per_call = []
-    hook = model.albert.encoder.albert_layer_groups[0].register_forward_pre_hook(
+    hook = model.palbert.encoder.albert_layer_groups[0].register_forward_pre_hook(
         lambda module, args: rows_per_call.append(args[0].shape[0])
     )
     input_ids, attention_mask, _ = _batch(batch_size=16)
@@ -258,11 +277,11 @@ def test_active_batch_shrinks():
 def test_certain_exit_heads_give_hand_computed_exit_steps(mode):
     model = _tiny_palbert()
     input_ids, attention_mask, _ = _batch(batch_size=5)
-    torch.nn.init.zeros_(model.lambda_head.out.weight)
-    torch.nn.init.constant_(model.lambda_head.out.bias, 50.0)  # lambda_1 = 1: everyone exits at step 1
+    torch.nn.init.zeros_(model.palbert.lambda_head.out.weight)
+    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, 50.0)  # lambda_1 = 1: everyone exits at step 1
     first = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
     assert first.exit_step.tolist() == [1] * 5
-    torch.nn.init.constant_(model.lambda_head.out.bias, -50.0)  # lambda_t = 0: everyone runs to the last step
+    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, -50.0)  # lambda_t = 0: everyone runs to the last step
     last = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
     assert last.exit_step.tolist() == [NUM_STEPS] * 5
     full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
@@ -284,38 +303,145 @@ def test_sample_mode_follows_the_exit_distribution(with_labels):
     torch.testing.assert_close(out.logits, step_logits[0, out.exit_step - 1], atol=1e-5, rtol=1e-5)
 
 
-def test_regression():
-    model = _tiny_palbert(num_labels=1)
+@pytest.mark.parametrize(
+    "problem_type, num_labels",
+    [("regression", 1), ("regression", 3), ("multi_label_classification", 3)],
+)
+def test_pondering_loss_and_expectation_use_the_problem_types_per_step_loss(problem_type, num_labels):
+    # Regression test: float labels of shape (B, num_labels) raised ValueError, `config.problem_type` was ignored.
+    model = _tiny_palbert(num_labels=num_labels, problem_type=problem_type)
     input_ids, attention_mask, _ = _batch()
-    labels = torch.randn(input_ids.shape[0])
+    if problem_type == "regression":
+        labels = torch.randn(input_ids.shape[0], num_labels).squeeze(-1)  # (B,) for one label, as ALBERT takes
+    else:
+        labels = (torch.rand(input_ids.shape[0], num_labels) < 0.5).float()
     out = model(input_ids, attention_mask=attention_mask, labels=labels)
-    step_logits, lambdas = _reference_steps(model, input_ids, attention_mask)
+    step_logits, lambdas = _reference_steps(model, input_ids, attention_mask)  # (B, L, C)
     p = _plain_exit_probs(lambdas)
-    task = ((step_logits.squeeze(-1) - labels[:, None]) ** 2 * p).sum(-1).mean()
+    targets = labels.reshape(len(labels), 1, num_labels).expand_as(step_logits)
+    if problem_type == "regression":
+        per_step = ((step_logits - targets) ** 2).mean(-1)  # (B, L)
+    else:
+        per_step = -(targets * F.logsigmoid(step_logits) + (1 - targets) * F.logsigmoid(-step_logits)).mean(-1)
     prior = [0.1 * 0.9**k for k in range(NUM_STEPS - 1)] + [0.9 ** (NUM_STEPS - 1)]
     kl = sum(_plain_kl(row, prior) for row in p.tolist()) / len(labels)
-    torch.testing.assert_close(out.loss, task + 0.5 * kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, (p * per_step).sum(-1).mean() + 0.5 * kl, atol=1e-5, rtol=1e-5)
+
     with torch.no_grad():
         expectation = model(input_ids, attention_mask=attention_mask, inference_mode="expectation").logits
         early = model(input_ids, attention_mask=attention_mask)
-    torch.testing.assert_close(expectation, (p[..., None] * step_logits).sum(1), atol=1e-5, rtol=1e-5)
-    assert early.logits.shape == (input_ids.shape[0], 1)
+    if problem_type == "regression":  # sum_t p_t y_t
+        torch.testing.assert_close(expectation, (p[..., None] * step_logits).sum(1), atol=1e-5, rtol=1e-5)
+    else:  # sigmoid(logits) = sum_t p_t sigmoid(y_t), per label
+        mixture = (p[..., None] * step_logits.sigmoid()).sum(1)
+        torch.testing.assert_close(expectation.sigmoid(), mixture, atol=1e-5, rtol=1e-5)
     rows = torch.arange(len(labels))
+    assert early.logits.shape == (len(labels), num_labels)
     torch.testing.assert_close(early.logits, step_logits[rows, early.exit_step - 1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "problem_type, num_labels, label_kind, inferred",
     [
-        ({"labels": torch.tensor([0.0, 1.0])}, "`labels` must be class indices"),
-        ({"labels": torch.tensor([0, 1, 1])}, r"`labels` must hold one value per example \(2\), got shape \(3,\)"),
-        ({"inputs_embeds": torch.zeros(2, 4, 16)}, "exactly one of `input_ids` and `inputs_embeds`"),
+        (None, 1, "float", "regression"),
+        (None, 3, "long", "single_label_classification"),
+        (None, 3, "multi_hot", "multi_label_classification"),
+        ("regression", 3, "float", "regression"),
+        ("single_label_classification", 1, "long", "single_label_classification"),
+        ("multi_label_classification", 3, "multi_hot", "multi_label_classification"),
     ],
 )
-def test_bad_forward_inputs_raise(kwargs, message):
-    model = _tiny_palbert()
+def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_step(
+    problem_type, num_labels, label_kind, inferred
+):
+    # With p = (0, ..., 0, 1) and beta = 0 the pondering loss is the loss of step L's logits, which are
+    # AlbertForSequenceClassification's: the same problem type, inferred from the labels the same way.
+    model = _tiny_palbert(num_labels=num_labels, problem_type=problem_type, hidden_dropout_prob=0.0, beta=0.0)
+    torch.nn.init.zeros_(model.palbert.lambda_head.out.weight)
+    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, -50.0)  # lambda_t = 0
+    albert = AlbertForSequenceClassification(
+        _tiny_albert_config(num_labels=num_labels, problem_type=problem_type, initializer_range=0.5)
+    ).eval()
+    albert.load_state_dict(_albert_state_dict(model))
+    input_ids, attention_mask, _ = _batch()
+    batch_size = input_ids.shape[0]
+    labels = {
+        "float": torch.randn(batch_size, num_labels).squeeze(-1),
+        "long": torch.randint(0, num_labels, (batch_size,)),
+        "multi_hot": (torch.rand(batch_size, num_labels) < 0.5).float(),
+    }[label_kind]
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    expected = albert(input_ids, attention_mask=attention_mask, labels=labels)
+    assert model.config.problem_type == albert.config.problem_type == inferred
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(out.logits, expected.logits)
+
+
+@pytest.mark.parametrize(
+    "num_labels, labels, message",
+    [
+        (2, torch.tensor([0.0, 1.0]), r"`labels` must have shape \(2, 2\) for problem_type='multi_label_classification'; "
+         r"got shape \(2,\) and dtype torch.float32\."),
+        (2, torch.tensor([0, 1, 1]), r"`labels` must be class indices, an integer tensor of shape \(2,\), for "
+         r"problem_type='single_label_classification'; got shape \(3,\) and dtype torch.int64\."),
+        (1, torch.zeros(2, 2), r"`labels` must have shape \(2,\) for problem_type='regression'; got shape \(2, 2\)"),
+    ],
+)
+def test_bad_labels_raise_before_any_work(num_labels, labels, message):
+    model = _tiny_palbert(num_labels=num_labels)
+    calls = []
+    model.palbert.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(ValueError, match=message):
-        model(torch.ones(2, 4, dtype=torch.long), **kwargs)
+        model(torch.ones(2, 4, dtype=torch.long), labels=labels)
+    assert not calls and model.config.problem_type is None  # nothing ran, the config is left as it was
+
+
+@pytest.mark.parametrize("model_class", [PalbertModel, PalbertForSequenceClassification])
+def test_exactly_one_of_ids_and_embeddings(model_class):
+    model = model_class(_tiny_config())
+    with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
+        model(torch.ones(2, 4, dtype=torch.long), inputs_embeds=torch.zeros(2, 4, 16))
+    with pytest.raises(ValueError, match="exactly one of `input_ids` and `inputs_embeds`"):
+        model()
+
+
+# --- outputs per pondering step ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["q_exit", "full"])
+def test_hidden_states_and_attentions_are_albert_ones_per_step(mode):
+    # Regression test: `forward(output_hidden_states=True, output_attentions=True)` raised TypeError.
+    model = _tiny_palbert()
+    model.set_attn_implementation("eager")
+    albert = _stock_albert(model)
+    albert.set_attn_implementation("eager")
+    input_ids, attention_mask, _ = _batch()
+    recorded = model(
+        input_ids, attention_mask=attention_mask, inference_mode=mode, output_hidden_states=True, output_attentions=True
+    )
+    expected = albert(input_ids, attention_mask=attention_mask, output_hidden_states=True, output_attentions=True)
+    # The embeddings projected to H, then h_t after every step t; the attention weights of every step.
+    assert len(recorded.hidden_states) == NUM_STEPS + 1 and len(recorded.attentions) == NUM_STEPS
+    assert recorded.attentions[0].shape == (12, 4, input_ids.shape[1], input_ids.shape[1])
+    for ours, theirs in zip(recorded.hidden_states + recorded.attentions, expected.hidden_states + expected.attentions, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    # Recording runs every step for every example, with the prediction of the shrinking batch.
+    plain = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
+    assert recorded.exit_probs is not None and torch.equal(recorded.exit_step, plain.exit_step)
+    assert len(set(plain.exit_step.tolist())) >= (3 if mode == "q_exit" else 1)
+    torch.testing.assert_close(recorded.logits, plain.logits)
+    # The base model: its last hidden state and pooled output are those of each example's exit step.
+    base = model.palbert(input_ids, attention_mask=attention_mask, inference_mode=mode, output_hidden_states=[0, -1])
+    assert base.hidden_states[1:-1] == (None,) * (NUM_STEPS - 1)
+    torch.testing.assert_close(base.hidden_states[-1], expected.last_hidden_state)
+    rows = torch.arange(input_ids.shape[0])
+    at_exit = torch.stack(expected.hidden_states[1:], dim=1)[rows, base.exit_step - 1]  # (B, T, H)
+    torch.testing.assert_close(base.last_hidden_state, at_exit)
+    torch.testing.assert_close(base.pooler_output, torch.tanh(albert.pooler(at_exit[:, 0])))
+    shrinking = model.palbert(input_ids, attention_mask=attention_mask, inference_mode=mode)
+    torch.testing.assert_close(shrinking.last_hidden_state, at_exit)
+    torch.testing.assert_close(shrinking.pooler_output, base.pooler_output)
 
 
 # --- saving, loading, remote code ----------------------------------------------------------------
@@ -335,23 +461,47 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_step, b.exit_step)
 
 
-@pytest.mark.parametrize("hf_ext_importable", [True, False])
-def test_remote_code_reload_in_subprocess(hf_ext_importable):
+def test_auto_model_loads_the_base_model_from_a_palbert_folder(tmp_path):
+    # Regression test: AutoModel.from_pretrained(<palbert folder>) raised "Unrecognized configuration class".
     model = _tiny_palbert()
+    model.save_pretrained(tmp_path / "head")
+    base = AutoModel.from_pretrained(tmp_path / "head")
+    assert type(base) is PalbertModel
+    assert base.state_dict().keys() == model.palbert.state_dict().keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in model.palbert.state_dict().items())
+    base.save_pretrained(tmp_path / "base")
+    reloaded = AutoModel.from_pretrained(tmp_path / "base")
+    input_ids, attention_mask, _ = _batch()
+    with torch.no_grad():
+        expected = model.palbert(input_ids, attention_mask=attention_mask)
+        for loaded in (base, reloaded):
+            out = loaded(input_ids, attention_mask=attention_mask)
+            assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+            assert torch.equal(out.exit_step, expected.exit_step)
+
+
+@pytest.mark.parametrize(
+    "auto_class, hf_ext_importable",
+    [("AutoModelForSequenceClassification", True), ("AutoModelForSequenceClassification", False), ("AutoModel", False)],
+)
+def test_remote_code_reload_in_subprocess(auto_class, hf_ext_importable):
+    head = _tiny_palbert()
+    model = head if auto_class == "AutoModelForSequenceClassification" else head.palbert
     input_ids, attention_mask, _ = _batch()
     with torch.no_grad():
         expected = model(input_ids, attention_mask=attention_mask)
     outputs, class_name = reload_in_subprocess(
         model, {"input_ids": input_ids, "attention_mask": attention_mask},
-        auto_class="AutoModelForSequenceClassification",
-        hf_ext_importable=hf_ext_importable, trust_remote_code=not hf_ext_importable,
+        auto_class=auto_class, hf_ext_importable=hf_ext_importable, trust_remote_code=not hf_ext_importable,
     )
+    name = type(model).__name__
     if hf_ext_importable:
-        assert class_name == "hf_ext.models.palbert.modeling_palbert.PalbertForSequenceClassification"
+        assert class_name == f"hf_ext.models.palbert.modeling_palbert.{name}"
     else:
-        assert class_name.startswith("transformers_modules.")
-        assert class_name.endswith("PalbertForSequenceClassification")
-    torch.testing.assert_close(outputs["logits"], expected.logits)
+        assert class_name.startswith("transformers_modules.") and class_name.endswith(name)
+    for key in ("logits", "last_hidden_state", "pooler_output"):
+        if key in expected:
+            torch.testing.assert_close(outputs[key], expected[key])
     assert torch.equal(outputs["exit_step"], expected.exit_step)
 
 
@@ -364,10 +514,9 @@ def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
     model = PalbertForSequenceClassification.from_albert_pretrained(tmp_path / "albert", exit_threshold=0.6)
     assert model.config.model_type == "palbert" and model.config.exit_threshold == 0.6
     assert model.config.hidden_size == albert.config.hidden_size
-    state = model.state_dict()
-    for key, value in albert_state.items():  # embeddings, shared layer, pooler and the same-shaped classifier
-        assert torch.equal(state[key], value), key
-    assert {k for k in state if k not in albert_state} == {k for k in state if k.startswith("lambda_head.")}
+    state = _albert_state_dict(model)  # under ALBERT's names
+    assert state.keys() == albert_state.keys()  # embeddings, shared layer, pooler and the same-shaped classifier
+    assert all(torch.equal(state[key], value) for key, value in albert_state.items())
 
     # As a Hub id (from a local Hub cache), with a new label count: the classifier is new, the rest reused.
     lay_out_as_hub_repo(tmp_path / "albert", "org/tiny-albert", tmp_path / "cache")
@@ -377,7 +526,7 @@ def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
     assert model.classifier.weight.shape == (3, albert.config.hidden_size)
     for key, value in albert_state.items():
         if key.startswith("albert."):
-            assert torch.equal(model.state_dict()[key], value), key
+            assert torch.equal(_albert_state_dict(model)[key], value), key
 
 
 def test_from_albert_pretrained_from_a_bare_albert_model(tmp_path):
@@ -388,7 +537,7 @@ def test_from_albert_pretrained_from_a_bare_albert_model(tmp_path):
     model = PalbertForSequenceClassification.from_albert_pretrained(tmp_path)
     state = model.state_dict()
     for key, value in albert.state_dict().items():
-        assert torch.equal(state[f"albert.{key}"], value), key
+        assert torch.equal(state[f"palbert.{key}"], value), key
 
 
 def test_from_albert_pretrained_rejects_other_checkpoints(tmp_path):
@@ -417,8 +566,8 @@ def test_trainer_step_changes_parameters(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
-    assert "lambda_head.out.weight" in changed and "classifier.weight" in changed
-    assert "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
+    assert "palbert.lambda_head.out.weight" in changed and "classifier.weight" in changed
+    assert "palbert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
 
     # Evaluation gathers the extra outputs: exit steps by the Q-exit rule and the exit distribution.
     prediction = trainer.predict(data)
@@ -430,3 +579,38 @@ def test_trainer_step_changes_parameters(tmp_path):
         expected = model.eval()(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1] * 4))
     torch.testing.assert_close(logits, expected.logits, atol=1e-5, rtol=1e-5)
     assert prediction.metrics["test_loss"] == pytest.approx(expected.loss.item(), rel=1e-4)
+
+
+def test_trainer_gradient_accumulation_equals_one_large_batch(tmp_path):
+    # `forward(**kwargs)` alone would make Trainer pass `num_items_in_batch` and skip its division of the loss by
+    # the accumulation steps; the loss is a batch mean, so the model says it takes no loss kwargs.
+    from datasets import Dataset
+
+    input_ids, attention_mask, _ = _batch(batch_size=4)
+    data = Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": [0, 1, 1, 0]}
+    )
+    trained = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = _tiny_palbert(hidden_dropout_prob=0.0, classifier_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        args = TrainingArguments(
+            output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+            max_grad_norm=0.0,  # clipping would hide a doubled gradient
+            use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train()
+        trained.append(model.state_dict())
+    assert not torch.equal(trained[0]["classifier.weight"], _tiny_palbert().state_dict()["classifier.weight"])
+    for key, value in trained[0].items():
+        torch.testing.assert_close(trained[1][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from hf_ext.models.palbert import configuration_palbert, modeling_palbert
+
+    for module in (configuration_palbert, modeling_palbert):
+        failed, attempted = doctest.testmod(module)
+        assert attempted > 0 and failed == 0, module.__name__
