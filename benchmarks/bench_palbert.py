@@ -56,7 +56,7 @@ def build_models(args):
     fields = {k: v for k, v in albert_config.to_dict().items() if k not in ("model_type", "transformers_version")}
     palbert = PalbertForSequenceClassification(PalbertConfig(**fields, lambda_head="linear")).eval()
     missing, _ = palbert.load_state_dict(albert.state_dict(), strict=False)
-    if any(not k.startswith("lambda_head.") for k in missing):  # the same encoder, pooler and classifier
+    if any(not k.startswith("albert.lambda_head.") for k in missing):  # the same encoder, pooler and classifier
         raise RuntimeError(f"PALBERT did not take these ALBERT weights: {missing}")
     return albert.to(args.device), palbert.to(args.device)
 
@@ -64,11 +64,8 @@ def build_models(args):
 @torch.no_grad()
 def calibrate_exit_head(palbert, input_ids, mean_exit: float) -> torch.Tensor:
     """Point the linear exit head along the pooled states' main direction; shift it to the target mean exit."""
-    pooled = []
-    hook = palbert.albert.pooler.register_forward_hook(lambda module, args, out: pooled.append(torch.tanh(out)))
-    palbert(input_ids, inference_mode="full")
-    hook.remove()
-    pooled = torch.stack(pooled[:-1], dim=1).float()  # (B, L - 1, H): the steps that have a lambda
+    steps = palbert.albert(input_ids, inference_mode="full").step_pooler_outputs
+    pooled = steps[:, :-1].float()  # (B, L - 1, H): the steps that have a lambda
     persistent = (pooled - pooled.mean(dim=0)).mean(dim=1)  # (B, H): how an example differs, on average over steps
     direction = torch.linalg.svd(persistent, full_matrices=False).Vh[0]
     weight = 2.0 * direction / (persistent @ direction).std()  # examples' exit logits spread with std ~2
@@ -84,8 +81,8 @@ def calibrate_exit_head(palbert, input_ids, mean_exit: float) -> torch.Tensor:
         low, high = (middle, high) if mean_exit_for(middle) > mean_exit else (low, middle)
     # Bisection converges onto a jump of the mean exit step, where one example's cumulative exit probability
     # equals q and rounding (batch 1 vs batch 64 kernels) decides its exit; step off the jump.
-    palbert.lambda_head.out.weight.copy_(weight[None])
-    palbert.lambda_head.out.bias.fill_(offset + high + 0.01)
+    palbert.albert.lambda_head.out.weight.copy_(weight[None])
+    palbert.albert.lambda_head.out.bias.fill_(offset + high + 0.01)
     return palbert(input_ids).exit_step
 
 

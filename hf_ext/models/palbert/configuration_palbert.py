@@ -15,9 +15,9 @@ LAMBDA_HEADS = ("revisited", "linear")
 @strict
 class PalbertConfig(AlbertConfig):
     r"""
-    Configuration of [`PalbertForSequenceClassification`]: every [`~transformers.AlbertConfig`] field,
-    plus the pondering settings below. Build one from an ALBERT checkpoint with
-    [`PalbertForSequenceClassification.from_albert_pretrained`].
+    Configuration of [`PalbertModel`] and [`PalbertForSequenceClassification`]: every
+    [`~transformers.AlbertConfig`] field, plus the pondering settings below. Build a model and its config from an
+    ALBERT checkpoint with [`PalbertForSequenceClassification.from_albert_pretrained`].
 
     Args:
         exit_threshold (`float`, *optional*, defaults to 0.5):

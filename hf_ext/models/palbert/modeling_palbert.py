@@ -106,10 +106,11 @@ def select_exit_steps(per_step: list[torch.Tensor], exit_step: torch.Tensor) -> 
     Returns:
         `(B, ...)`; `torch.where` keeps gradients flowing to the selected steps only.
     """
-    selected = per_step[0]
-    for step, value in enumerate(per_step[1:], start=2):
-        later = (exit_step >= step).view(-1, *[1] * (value.dim() - 1))
-        selected = torch.where(later, value, selected)
+    steps = exit_step.unique().tolist()  # ascending; only the steps someone exits at cost a `where`
+    selected = per_step[steps[0] - 1]
+    for step in steps[1:]:
+        later = (exit_step >= step).view(-1, *[1] * (selected.dim() - 1))
+        selected = torch.where(later, per_step[step - 1], selected)
     return selected
 
 
@@ -154,7 +155,9 @@ class PalbertPreTrainedModel(AlbertPreTrainedModel):
     `AlbertLayer`, `attentions` from every `AlbertAttention`), for PALBERT's config."""
 
     config: PalbertConfig
-    base_model_prefix = "palbert"
+    # ALBERT's prefix: a head keeps its PalbertModel under `albert`, where ALBERT's heads keep their AlbertModel, so
+    # ALBERT checkpoints load (and PALBERT checkpoints save) with ALBERT's weight names.
+    base_model_prefix = "albert"
     # The loss is a batch mean that ignores `num_items_in_batch`; without this, `Trainer` would see `**kwargs` in
     # `forward`, pass the count and skip its own division by the gradient accumulation steps.
     accepts_loss_kwargs = False
@@ -172,8 +175,9 @@ class PalbertPreTrainedModel(AlbertPreTrainedModel):
     ) -> "PalbertPreTrainedModel":
         """Build PALBERT from an ALBERT checkpoint: embeddings, shared layer and pooler reused, exit head new.
 
-        A classifier saved in the checkpoint (`AlbertForSequenceClassification`) is reused when its shape
-        matches `num_labels`, and initialised anew otherwise.
+        The weight names are ALBERT's, so a headed checkpoint (`AlbertForMaskedLM`, `AlbertForSequenceClassification`,
+        ...) and a bare `AlbertModel` one both load. [`PalbertForSequenceClassification`] reuses a saved classifier
+        when its shape matches `num_labels`, and initialises it anew otherwise.
 
         Args:
             pretrained_model_name_or_path: a Hub id (`"albert/albert-base-v2"`) or a local folder of an ALBERT
@@ -198,15 +202,10 @@ class PalbertPreTrainedModel(AlbertPreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             config_dict.pop(key, None)
         config = PalbertConfig.from_dict({**config_dict, **config_kwargs})
-        # ALBERT's heads store the encoder under "albert.", ours under "palbert."; bare AlbertModel checkpoints
-        # have no prefix, which `from_pretrained` adds itself. ignore_mismatched_sizes: a saved classifier with
+        # The weight names are ALBERT's (`base_model_prefix`). ignore_mismatched_sizes: a saved classifier with
         # another label count is replaced by a new one.
         return cls.from_pretrained(
-            pretrained_model_name_or_path,
-            config=config,
-            key_mapping={r"^albert\.": f"{PalbertPreTrainedModel.base_model_prefix}."},
-            ignore_mismatched_sizes=True,
-            **hub_kwargs,
+            pretrained_model_name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs
         )
 
 
@@ -324,7 +323,8 @@ class PalbertModel(PalbertPreTrainedModel):
         hidden = self.encoder.embedding_hidden_mapping_in(embeddings)
         # 2. the batch shrinks as examples exit, unless something needs every step of every example
         recording = any(
-            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}")) for name in ("hidden_states", "attentions")
+            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}"))
+            for name in ("hidden_states", "attentions")
         )
         if early_exit and not self.training and mode in ("q_exit", "sample") and not recording:
             return self._ponder_with_early_exit(hidden, mask, mode, **kwargs)
@@ -477,7 +477,7 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
     def __init__(self, config: PalbertConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.palbert = PalbertModel(config)
+        self.albert = PalbertModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
@@ -512,7 +512,7 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         batch_size = _batch_size(input_ids, inputs_embeds)
         problem_type = None if labels is None else self._problem_type(labels, batch_size)
         # 1. pondering; with labels every step runs for every example, as the loss reads them all
-        outputs = self.palbert(
+        outputs = self.albert(
             input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,

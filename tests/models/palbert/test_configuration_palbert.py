@@ -47,7 +47,8 @@ def test_bad_value_in_a_saved_config_is_rejected_on_load(tmp_path):
     data = json.loads((tmp_path / "config.json").read_text())
     data["exit_threshold"] = 1.2
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises(StrictDataclassClassValidationError, match="`exit_threshold` must be in the open interval .* 1.2"):
+    message = "`exit_threshold` must be in the open interval .* 1.2"
+    with pytest.raises(StrictDataclassClassValidationError, match=message):
         PalbertConfig.from_pretrained(tmp_path)
 
 

@@ -28,7 +28,7 @@ NUM_STEPS = 6
 
 def _albert_fields() -> dict:
     fields = tiny_albert_config().to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
+    for key in ("model_type", "transformers_version", "architectures", "id2label", "label2id"):  # num_labels sets them
         fields.pop(key, None)
     return {**fields, "num_hidden_layers": NUM_STEPS}
 
@@ -45,7 +45,7 @@ def _tiny_palbert(seed: int = 1, **overrides) -> PalbertForSequenceClassificatio
     """A random tiny PALBERT whose exit head is scaled up, so that examples exit at different steps."""
     torch.manual_seed(seed)
     model = PalbertForSequenceClassification(_tiny_config(**{"initializer_range": 0.5, **overrides})).eval()
-    for module in model.palbert.lambda_head.modules():
+    for module in model.albert.lambda_head.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, std=5.0 / module.in_features**0.5)
             torch.nn.init.normal_(module.bias, mean=-1.0, std=0.5)
@@ -69,12 +69,8 @@ def _batch(batch_size: int = 12, seed: int = 1):
 
 
 def _albert_state_dict(model) -> dict:
-    """PALBERT's weights under ALBERT's names ("palbert." -> "albert."), without the exit head."""
-    return {
-        key.replace("palbert.", "albert.", 1): value
-        for key, value in model.state_dict().items()
-        if not key.startswith("palbert.lambda_head.")
-    }
+    """PALBERT's weights without the exit head: ALBERT's, under the same names."""
+    return {key: value for key, value in model.state_dict().items() if not key.startswith("albert.lambda_head.")}
 
 
 def _stock_albert(model) -> AlbertModel:
@@ -96,7 +92,7 @@ def _reference_steps(model, input_ids, attention_mask):
         pooled = torch.tanh(albert.pooler(hidden[:, 0]))
         step_logits.append(model.classifier(pooled))
         if t < NUM_STEPS - 1:
-            lambdas.append(torch.sigmoid(model.palbert.lambda_head(pooled, previous)))
+            lambdas.append(torch.sigmoid(model.albert.lambda_head(pooled, previous)))
         previous = pooled
     return torch.stack(step_logits, 1), torch.stack(lambdas, 1)
 
@@ -150,7 +146,7 @@ def test_saturated_exit_head_gives_finite_gradients():
     torch.testing.assert_close(logits32.grad, logits64.grad.float(), atol=1e-6, rtol=1e-4)
 
     model = _tiny_palbert()
-    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, 50.0)  # every lambda_t = 1: p = (1, 0, ..., 0)
+    torch.nn.init.constant_(model.albert.lambda_head.out.bias, 50.0)  # every lambda_t = 1: p = (1, 0, ..., 0)
     input_ids, attention_mask, _ = _batch(batch_size=4)
     model(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -255,7 +251,7 @@ def test_q_exit_batch_equals_one_by_one_and_dense_rule():
 def test_active_batch_shrinks():
     model = _tiny_palbert()
     rows_per_call = []
-    hook = model.palbert.encoder.albert_layer_groups[0].register_forward_pre_hook(
+    hook = model.albert.encoder.albert_layer_groups[0].register_forward_pre_hook(
         lambda module, args: rows_per_call.append(args[0].shape[0])
     )
     input_ids, attention_mask, _ = _batch(batch_size=16)
@@ -277,11 +273,11 @@ def test_active_batch_shrinks():
 def test_certain_exit_heads_give_hand_computed_exit_steps(mode):
     model = _tiny_palbert()
     input_ids, attention_mask, _ = _batch(batch_size=5)
-    torch.nn.init.zeros_(model.palbert.lambda_head.out.weight)
-    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, 50.0)  # lambda_1 = 1: everyone exits at step 1
+    torch.nn.init.zeros_(model.albert.lambda_head.out.weight)
+    torch.nn.init.constant_(model.albert.lambda_head.out.bias, 50.0)  # lambda_1 = 1: everyone exits at step 1
     first = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
     assert first.exit_step.tolist() == [1] * 5
-    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, -50.0)  # lambda_t = 0: everyone runs to the last step
+    torch.nn.init.constant_(model.albert.lambda_head.out.bias, -50.0)  # lambda_t = 0: everyone runs to the last step
     last = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
     assert last.exit_step.tolist() == [NUM_STEPS] * 5
     full = model(input_ids, attention_mask=attention_mask, inference_mode="full")
@@ -347,7 +343,7 @@ def test_pondering_loss_and_expectation_use_the_problem_types_per_step_loss(prob
         (None, 3, "long", "single_label_classification"),
         (None, 3, "multi_hot", "multi_label_classification"),
         ("regression", 3, "float", "regression"),
-        ("single_label_classification", 1, "long", "single_label_classification"),
+        ("single_label_classification", 3, "long", "single_label_classification"),
         ("multi_label_classification", 3, "multi_hot", "multi_label_classification"),
     ],
 )
@@ -357,8 +353,8 @@ def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_ste
     # With p = (0, ..., 0, 1) and beta = 0 the pondering loss is the loss of step L's logits, which are
     # AlbertForSequenceClassification's: the same problem type, inferred from the labels the same way.
     model = _tiny_palbert(num_labels=num_labels, problem_type=problem_type, hidden_dropout_prob=0.0, beta=0.0)
-    torch.nn.init.zeros_(model.palbert.lambda_head.out.weight)
-    torch.nn.init.constant_(model.palbert.lambda_head.out.bias, -50.0)  # lambda_t = 0
+    torch.nn.init.zeros_(model.albert.lambda_head.out.weight)
+    torch.nn.init.constant_(model.albert.lambda_head.out.bias, -50.0)  # lambda_t = 0
     albert = AlbertForSequenceClassification(
         _tiny_albert_config(num_labels=num_labels, problem_type=problem_type, initializer_range=0.5)
     ).eval()
@@ -380,7 +376,8 @@ def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_ste
 @pytest.mark.parametrize(
     "num_labels, labels, message",
     [
-        (2, torch.tensor([0.0, 1.0]), r"`labels` must have shape \(2, 2\) for problem_type='multi_label_classification'; "
+        (2, torch.tensor([0.0, 1.0]),
+         r"`labels` must have shape \(2, 2\) for problem_type='multi_label_classification'; "
          r"got shape \(2,\) and dtype torch.float32\."),
         (2, torch.tensor([0, 1, 1]), r"`labels` must be class indices, an integer tensor of shape \(2,\), for "
          r"problem_type='single_label_classification'; got shape \(3,\) and dtype torch.int64\."),
@@ -390,7 +387,7 @@ def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_ste
 def test_bad_labels_raise_before_any_work(num_labels, labels, message):
     model = _tiny_palbert(num_labels=num_labels)
     calls = []
-    model.palbert.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.albert.register_forward_pre_hook(lambda module, args: calls.append(1))
     with pytest.raises(ValueError, match=message):
         model(torch.ones(2, 4, dtype=torch.long), labels=labels)
     assert not calls and model.config.problem_type is None  # nothing ran, the config is left as it was
@@ -417,29 +414,29 @@ def test_hidden_states_and_attentions_are_albert_ones_per_step(mode):
     albert = _stock_albert(model)
     albert.set_attn_implementation("eager")
     input_ids, attention_mask, _ = _batch()
-    recorded = model(
-        input_ids, attention_mask=attention_mask, inference_mode=mode, output_hidden_states=True, output_attentions=True
-    )
-    expected = albert(input_ids, attention_mask=attention_mask, output_hidden_states=True, output_attentions=True)
+    recording = {"output_hidden_states": True, "output_attentions": True}
+    recorded = model(input_ids, attention_mask=attention_mask, inference_mode=mode, **recording)
+    expected = albert(input_ids, attention_mask=attention_mask, **recording)
     # The embeddings projected to H, then h_t after every step t; the attention weights of every step.
     assert len(recorded.hidden_states) == NUM_STEPS + 1 and len(recorded.attentions) == NUM_STEPS
     assert recorded.attentions[0].shape == (12, 4, input_ids.shape[1], input_ids.shape[1])
-    for ours, theirs in zip(recorded.hidden_states + recorded.attentions, expected.hidden_states + expected.attentions, strict=True):
-        torch.testing.assert_close(ours, theirs)
+    ours, theirs = recorded.hidden_states + recorded.attentions, expected.hidden_states + expected.attentions
+    for mine, stock in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, stock)
     # Recording runs every step for every example, with the prediction of the shrinking batch.
     plain = model(input_ids, attention_mask=attention_mask, inference_mode=mode)
     assert recorded.exit_probs is not None and torch.equal(recorded.exit_step, plain.exit_step)
     assert len(set(plain.exit_step.tolist())) >= (3 if mode == "q_exit" else 1)
     torch.testing.assert_close(recorded.logits, plain.logits)
     # The base model: its last hidden state and pooled output are those of each example's exit step.
-    base = model.palbert(input_ids, attention_mask=attention_mask, inference_mode=mode, output_hidden_states=[0, -1])
+    base = model.albert(input_ids, attention_mask=attention_mask, inference_mode=mode, output_hidden_states=[0, -1])
     assert base.hidden_states[1:-1] == (None,) * (NUM_STEPS - 1)
     torch.testing.assert_close(base.hidden_states[-1], expected.last_hidden_state)
     rows = torch.arange(input_ids.shape[0])
     at_exit = torch.stack(expected.hidden_states[1:], dim=1)[rows, base.exit_step - 1]  # (B, T, H)
     torch.testing.assert_close(base.last_hidden_state, at_exit)
     torch.testing.assert_close(base.pooler_output, torch.tanh(albert.pooler(at_exit[:, 0])))
-    shrinking = model.palbert(input_ids, attention_mask=attention_mask, inference_mode=mode)
+    shrinking = model.albert(input_ids, attention_mask=attention_mask, inference_mode=mode)
     torch.testing.assert_close(shrinking.last_hidden_state, at_exit)
     torch.testing.assert_close(shrinking.pooler_output, base.pooler_output)
 
@@ -467,13 +464,13 @@ def test_auto_model_loads_the_base_model_from_a_palbert_folder(tmp_path):
     model.save_pretrained(tmp_path / "head")
     base = AutoModel.from_pretrained(tmp_path / "head")
     assert type(base) is PalbertModel
-    assert base.state_dict().keys() == model.palbert.state_dict().keys()
-    assert all(torch.equal(base.state_dict()[k], v) for k, v in model.palbert.state_dict().items())
+    assert base.state_dict().keys() == model.albert.state_dict().keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in model.albert.state_dict().items())
     base.save_pretrained(tmp_path / "base")
     reloaded = AutoModel.from_pretrained(tmp_path / "base")
     input_ids, attention_mask, _ = _batch()
     with torch.no_grad():
-        expected = model.palbert(input_ids, attention_mask=attention_mask)
+        expected = model.albert(input_ids, attention_mask=attention_mask)
         for loaded in (base, reloaded):
             out = loaded(input_ids, attention_mask=attention_mask)
             assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
@@ -482,11 +479,15 @@ def test_auto_model_loads_the_base_model_from_a_palbert_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "auto_class, hf_ext_importable",
-    [("AutoModelForSequenceClassification", True), ("AutoModelForSequenceClassification", False), ("AutoModel", False)],
+    [
+        ("AutoModelForSequenceClassification", True),
+        ("AutoModelForSequenceClassification", False),
+        ("AutoModel", False),
+    ],
 )
 def test_remote_code_reload_in_subprocess(auto_class, hf_ext_importable):
     head = _tiny_palbert()
-    model = head if auto_class == "AutoModelForSequenceClassification" else head.palbert
+    model = head if auto_class == "AutoModelForSequenceClassification" else head.albert
     input_ids, attention_mask, _ = _batch()
     with torch.no_grad():
         expected = model(input_ids, attention_mask=attention_mask)
@@ -505,6 +506,13 @@ def test_remote_code_reload_in_subprocess(auto_class, hf_ext_importable):
     assert torch.equal(outputs["exit_step"], expected.exit_step)
 
 
+def _assert_reloads_whole(model, folder, auto_class):
+    model.save_pretrained(folder)
+    reloaded = auto_class.from_pretrained(folder)
+    assert type(reloaded) is type(model) and reloaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(reloaded.state_dict()[key], value) for key, value in model.state_dict().items())
+
+
 def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
     torch.manual_seed(3)
     albert = AlbertForSequenceClassification(_tiny_albert_config()).eval()
@@ -517,6 +525,13 @@ def test_from_albert_pretrained_reuses_encoder_and_pooler(tmp_path):
     state = _albert_state_dict(model)  # under ALBERT's names
     assert state.keys() == albert_state.keys()  # embeddings, shared layer, pooler and the same-shaped classifier
     assert all(torch.equal(state[key], value) for key, value in albert_state.items())
+    # Saved, it is a PALBERT checkpoint like any other: it reloads whole, exit head included.
+    _assert_reloads_whole(model, tmp_path / "palbert", AutoModelForSequenceClassification)
+    # The base model alone, from the same ALBERT checkpoint (its head's weights left out).
+    base = PalbertModel.from_albert_pretrained(tmp_path / "albert")
+    assert all(torch.equal(base.state_dict()[key.removeprefix("albert.")], value) for key, value in state.items()
+               if key.startswith("albert."))
+    _assert_reloads_whole(base, tmp_path / "base", AutoModel)
 
     # As a Hub id (from a local Hub cache), with a new label count: the classifier is new, the rest reused.
     lay_out_as_hub_repo(tmp_path / "albert", "org/tiny-albert", tmp_path / "cache")
@@ -537,7 +552,7 @@ def test_from_albert_pretrained_from_a_bare_albert_model(tmp_path):
     model = PalbertForSequenceClassification.from_albert_pretrained(tmp_path)
     state = model.state_dict()
     for key, value in albert.state_dict().items():
-        assert torch.equal(state[f"palbert.{key}"], value), key
+        assert torch.equal(state[f"albert.{key}"], value), key
 
 
 def test_from_albert_pretrained_rejects_other_checkpoints(tmp_path):
@@ -566,8 +581,8 @@ def test_trainer_step_changes_parameters(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
-    assert "palbert.lambda_head.out.weight" in changed and "classifier.weight" in changed
-    assert "palbert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
+    assert "albert.lambda_head.out.weight" in changed and "classifier.weight" in changed
+    assert "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight" in changed
 
     # Evaluation gathers the extra outputs: exit steps by the Q-exit rule and the exit distribution.
     prediction = trainer.predict(data)
