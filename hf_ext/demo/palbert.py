@@ -59,7 +59,7 @@ def run(ctx: DemoContext) -> SectionResult:
     model = PalbertForSequenceClassification(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(120):
+    for _ in range(120):
         batch = torch.randint(0, len(train_ids), (32,))
         loss = model(train_ids[batch], labels=train_labels[batch]).loss
         optimizer.zero_grad()

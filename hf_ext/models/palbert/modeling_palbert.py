@@ -106,11 +106,10 @@ def select_exit_steps(per_step: list[torch.Tensor], exit_step: torch.Tensor) -> 
     Returns:
         `(B, ...)`; `torch.where` keeps gradients flowing to the selected steps only.
     """
-    steps = exit_step.unique().tolist()  # ascending; only the steps someone exits at cost a `where`
-    selected = per_step[steps[0] - 1]
-    for step in steps[1:]:
-        later = (exit_step >= step).view(-1, *[1] * (selected.dim() - 1))
-        selected = torch.where(later, per_step[step - 1], selected)
+    selected = per_step[0]
+    for step, value in enumerate(per_step[1:], start=2):
+        later = (exit_step >= step).view(-1, *[1] * (value.dim() - 1))
+        selected = torch.where(later, value, selected)
     return selected
 
 
@@ -358,15 +357,19 @@ class PalbertModel(PalbertPreTrainedModel):
             previous = pooled
         lambdas = torch.stack(lambdas, dim=1) if lambdas else hidden.new_zeros(hidden.shape[0], 0)
         exit_probs = exit_distribution(lambdas)
-        if mode == "q_exit":
-            exit_step = q_exit_step(exit_probs, self.config.exit_threshold)
-        elif mode == "sample":  # exiting at t with probability lambda_t, step by step, is drawing t ~ p
-            exit_step = torch.multinomial(exit_probs.detach().float(), 1).squeeze(-1) + 1
-        else:  # "full" and "expectation" read every step
+        if mode in ("full", "expectation"):  # every example reads every step, and ends at step L
             exit_step = torch.full_like(exit_probs[:, 0], num_steps, dtype=torch.long)
+            last_hidden, pooled_at_exit = step_hidden[-1], step_pooled[-1]
+        else:
+            if mode == "q_exit":
+                exit_step = q_exit_step(exit_probs, self.config.exit_threshold)
+            else:  # "sample": exiting at t with probability lambda_t, step by step, is drawing t ~ p
+                exit_step = torch.multinomial(exit_probs.detach().float(), 1).squeeze(-1) + 1
+            last_hidden = select_exit_steps(step_hidden, exit_step)
+            pooled_at_exit = select_exit_steps(step_pooled, exit_step)
         return PalbertModelOutput(
-            last_hidden_state=select_exit_steps(step_hidden, exit_step),
-            pooler_output=select_exit_steps(step_pooled, exit_step),
+            last_hidden_state=last_hidden,
+            pooler_output=pooled_at_exit,
             exit_step=exit_step,
             exit_probs=exit_probs,
             step_pooler_outputs=torch.stack(step_pooled, dim=1),
