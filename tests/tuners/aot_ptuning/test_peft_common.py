@@ -20,22 +20,24 @@ Skipped here, each with its reason:
   cannot merge (OSF, Lily, ShadowPEFT).
 - test_passing_input_embeds_works (decoder table): AoT needs the token id of every position and refuses a forward
   pass given only `inputs_embeds`, with a ValueError (test_model.py::test_error_without_input_ids).
+- test_lora_conversion (decoder table): an AoT bias is chosen by token id, not a weight delta, so there is nothing
+  to convert to LoRA (`supports_lora_conversion()` is False, and PEFT's test would return without checking).
 Skipped by PEFT's own test code, which runs these only for other methods (the messages are PEFT's):
 - test_mixed_adapter_batches, test_generate_with_mixed_adapter_batches: "Mixed adapter batches not supported for
   this config" (PEFT runs them for LoRA only). AoT does serve mixed batches; test_model.py checks them, beam search
   included, against each example run alone.
 - test_weighted_combination_of_adapters: LoRA and IA3 only.
-- test_prompt_tuning_*, test_training_prompt_learning_tasks, test_prompt_learning_with_gradient_checkpointing,
-  test_passing_input_embeds_works (feature-extraction table): prompt-learning methods only.
-- test_lora_conversion: returns early (no skip) for methods without `supports_lora_conversion()`.
+- test_prompt_tuning_*, test_training_prompt_learning_tasks, test_passing_input_embeds_works (feature-extraction
+  table): prompt-learning methods only.
 - test_training_*_layer_indexing: "does not support layers_to_transform" (AoTPTuningConfig selects layers with
   `target_modules`).
 - test_adding_multiple_adapters_with_bias_raises: "does not support the 'bias' argument".
 - GPT-2 (slow): test_generate_half_prec and test_peft_model_device_map skip every method but LoRA/IA3/LoHa/LoKr on
   model ids containing "gpt2" ("does not support Conv1D layers"); AoT wraps whole blocks, not Conv1D, but the check
   is PEFT's.
-Not table rows, so not run here: the tests in those classes that test one other method with its own config
-(LoRA layer replication, prefix tuning on Qwen2, ...).
+Not table rows, so not run here: the tests in those classes that test other methods with configs of their own
+(LoRA layer replication, prefix tuning on Qwen2, prompt learning with gradient checkpointing over a Hub dataset, a
+LoRA-only test_load_model_low_cpu_mem_usage, which `AoTTableTests` replaces with the table's configs, ...).
 """
 
 import types
@@ -250,7 +252,12 @@ class AoTTableTests:
 @aot_table(
     models("LlamaForCausalLM", "GPT2LMHeadModel", "OPTForCausalLM", "Qwen2ForCausalLM"),
     aot_configs("CAUSAL_LM", default="fc"),
-    {**SKIPS, "test_passing_input_embeds_works": NEEDS_INPUT_IDS},
+    {
+        **SKIPS,
+        "test_passing_input_embeds_works": NEEDS_INPUT_IDS,
+        "test_lora_conversion": "An AoT bias is chosen by token id, not a weight delta: nothing to convert to LoRA "
+        "(`supports_lora_conversion()` is False).",
+    },
 )
 class TestAoTDecoderModels(AoTTableTests, decoder.TestDecoderModels):
     """PEFT's tests/test_decoder_models.py (`AutoModelForCausalLM`) on AoT P-Tuning."""
