@@ -38,6 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -89,7 +90,7 @@ def _normalise(out: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear_attention_parallel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quadratic reference form of Eq. 1 (float32 inside). Returns no state.
@@ -113,7 +114,7 @@ def linear_attention_parallel(
 
 
 def linear_attention_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12, chunk_size: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12, chunk_size: int = 64,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form of Eq. 1: quadratic inside chunks of `chunk_size`, the state of Eq. 2 between them.
@@ -154,7 +155,7 @@ def linear_attention_chunked(
 
 
 def linear_attention_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recurrent form (Eq. 2), one token at a time: `S_t = S_{t-1} + phi(k_t)^T [v_t, 1]`, `y_t = phi(q_t) S_t`.
@@ -215,7 +216,7 @@ def uses_fla(x: torch.Tensor) -> bool:
 
 
 def fla_linear_attention_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`linear_attention_chunked` on fla's kernels (fla picks its own chunk size); same arguments and returns.
@@ -241,7 +242,7 @@ def fla_linear_attention_chunked(
 
 
 def fla_linear_attention_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_attention_recurrent` on fla's `fused_recurrent_linear_attn`; same arguments and returns."""
@@ -256,6 +257,19 @@ def fla_linear_attention_recurrent(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Mixers
+
+
+def _count_tokens_in_cache(cache: Cache, layer_idx: int, hidden_states: torch.Tensor) -> None:
+    """Advance the token count of a layer whose cache holds only a recurrent state, and mark that state as present.
+
+    In transformers 5.25 a linear-attention cache layer does both only in `update_conv_state`
+    (`update_recurrent_state` does neither); without them `get_seq_length()` stays 0, so default positions and
+    `generate(cache=...)` restart at token 0, and `get_recurrent_state` keeps returning None. This mixer has no
+    convolution, so it passes a zero-width conv state `[B, 0, T]` through that public call: it counts the `T` new
+    tokens and stores nothing.
+    """
+    B, T, _ = hidden_states.shape
+    cache.update_conv_state(hidden_states.new_empty(B, 0, T), layer_idx, conv_kernel_size=1)
 
 
 class BasedLinearAttention(nn.Module):
@@ -306,22 +320,22 @@ class BasedLinearAttention(nn.Module):
         # 2. One new token with a state: the recurrent step; otherwise the chunked form from the state (if any).
         # fla's kernels on CUDA when installed, the torch forms otherwise.
         on_fla = uses_fla(q)
+        options = dict(eps=self.eps, initial_state=state, key_mask=padding_mask)
         if state is not None and q.shape[1] == 1:
             recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
-            y, final_state = recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
+            y, final_state = recurrent(q, k, v, self.feature_map, **options)
         elif on_fla:
             y, final_state = fla_linear_attention_chunked(
-                q, k, v, self.feature_map, self.eps, state, padding_mask, output_final_state=cache is not None
+                q, k, v, self.feature_map, output_final_state=cache is not None, **options
             )
         else:
             y, final_state = linear_attention_chunked(
-                q, k, v, self.feature_map, self.eps, self.chunk_size, state, padding_mask, output_final_state=cache is not None
+                q, k, v, self.feature_map, chunk_size=self.chunk_size, output_final_state=cache is not None, **options
             )
-        # 3. Keep the state. transformers sets `has_previous_state` only in `update_conv_state`, and this mixer has
-        # no convolution, so it is set here (otherwise `get_recurrent_state` keeps returning None).
+        # 3. Keep the state, and count the tokens it has seen.
         if cache is not None:
             cache.update_recurrent_state(final_state, self.layer_idx)
-            cache.layers[self.layer_idx].has_previous_state[0] = True
+            _count_tokens_in_cache(cache, self.layer_idx, hidden_states)
         # 4. Output projection.
         return self.proj_o(y.reshape(*hidden_states.shape[:-1], -1).to(hidden_states.dtype))
 
@@ -470,20 +484,11 @@ class BasedModel(BasedPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _past_length(self, cache: Cache | None) -> int:
-        """Tokens already in `cache`, for default positions. Linear-attention states do not count tokens, so a cache
-        without attention layers only knows it when the model needs no positions."""
-        if cache is None or all(cache.is_linear):
-            if cache is not None and self.config.use_learned_positions and cache.has_previous_state():
-                raise ValueError(
-                    "`position_ids` is required to continue from a `cache` with learned positions and no attention "
-                    "layer: the recurrent state does not record how many tokens it has seen."
-                )
-            return 0
-        return cache.get_seq_length()
-
     @merge_with_config_defaults
     @capture_outputs
+    # The transformers 4 names of `cache`: `past_key_values` (attention models) and `cache_params` (recurrent ones).
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -517,7 +522,8 @@ class BasedModel(BasedPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + self._past_length(cache)
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         hidden_states = inputs_embeds
@@ -574,6 +580,9 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    # The transformers 4 names of `cache`: `past_key_values` (attention models) and `cache_params` (recurrent ones).
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
