@@ -439,7 +439,8 @@ class BasedPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BasedDecoderLayer"]
     _supports_sdpa = True
     _is_stateful = True
-    _can_record_outputs = {"hidden_states": BasedDecoderLayer}
+    # `attentions`: the softmax weights of the sliding-window layers only (linear attention and convolutions have none)
+    _can_record_outputs = {"hidden_states": BasedDecoderLayer, "attentions": BasedSlidingWindowAttention}
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -513,7 +514,8 @@ class BasedModel(BasedPreTrainedModel):
             use_cache (`bool`, *optional*): return the updated `cache`.
 
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)` and `cache`.
+            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)`, `cache`, and on request
+            `hidden_states` and `attentions` (one per sliding-window layer, with `attn_implementation="eager"`).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -603,7 +605,8 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
             Other arguments as [`BasedModel.forward`].
 
         Returns:
-            `CausalLMOutputWithPast` with `loss`, `logits` `(B, T, vocab_size)`, `cache` and `hidden_states`.
+            `CausalLMOutputWithPast` with `loss`, `logits` `(B, T, vocab_size)`, `cache`, `hidden_states` and
+            `attentions` (one per sliding-window layer, with `attn_implementation="eager"`).
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -613,7 +616,10 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
 
 __all__ = [
