@@ -13,20 +13,11 @@ sys.path[:0] = [str(_PEER), str(_PEER / "_suites")]
 collect_ignore = ["peer/_suites", "peer/fetch_peer_tests.py"]
 
 
-# Markers transformers' test mixins use but declare in the repository's conftest.py, which its sdist does not ship.
-_TRANSFORMERS_CONFTEST_MARKERS = [
-    "accelerate_tests: mark test that require accelerate",
-    "torch_compile_test: mark test which tests torch compile functionality",
-]
-
-
 def pytest_configure(config):
     # The peers' tests carry their own markers (`generate`, `flash_attn_test`, ...), declared in their pyproject.
     for markers in sorted((_PEER / "_suites").glob("*/markers.txt")):
         for marker in markers.read_text().splitlines():
             config.addinivalue_line("markers", marker)
-    for marker in _TRANSFORMERS_CONFTEST_MARKERS:
-        config.addinivalue_line("markers", marker)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
