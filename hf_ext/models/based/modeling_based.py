@@ -311,30 +311,49 @@ class BasedLinearAttention(nn.Module):
         v = self.proj_v(hidden_states).view(B, T, self.num_heads, self.head_dim)
         return q, k, v
 
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None,
+        padding_mask: torch.Tensor | None, output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 1 from `state` on: the recurrent step for one token after a state, the chunked form otherwise; on fla's
+        kernels on CUDA when installed, on the torch forms otherwise."""
+        on_fla = uses_fla(q)
+        options = dict(eps=self.eps, initial_state=state, key_mask=padding_mask)
+        if state is not None and q.shape[1] == 1:
+            recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
+            return recurrent(q, k, v, self.feature_map, **options)
+        if on_fla:
+            return fla_linear_attention_chunked(q, k, v, self.feature_map, output_final_state=output_final_state, **options)
+        return linear_attention_chunked(
+            q, k, v, self.feature_map, chunk_size=self.chunk_size, output_final_state=output_final_state, **options
+        )
+
     def forward(
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         # 1. Projections (and ReBased's normalisation): q, k [B, T, H, F], v [B, T, H, Dv].
         q, k, v = self._project(hidden_states)
+        T = q.shape[1]
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        # 2. One new token with a state: the recurrent step; otherwise the chunked form from the state (if any).
-        # fla's kernels on CUDA when installed, the torch forms otherwise.
-        on_fla = uses_fla(q)
-        options = dict(eps=self.eps, initial_state=state, key_mask=padding_mask)
-        if state is not None and q.shape[1] == 1:
-            recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
-            y, final_state = recurrent(q, k, v, self.feature_map, **options)
-        elif on_fla:
-            y, final_state = fla_linear_attention_chunked(
-                q, k, v, self.feature_map, output_final_state=cache is not None, **options
+        # 2. Attention. Assisted decoding feeds the last accepted token and up to `n` drafted ones (`n` the cache's
+        # `get_recurrent_states_to_keep`), then rolls the cache back past the rejected drafts. Rolling back `r <= n`
+        # tokens restores the state after token `T - r`, and the cache records the state held before this call
+        # followed by all but the last of the states it is given: so it is given the states after each of the last
+        # `n + 1` tokens (stepped one by one).
+        keep = cache.get_recurrent_states_to_keep(self.layer_idx) if cache is not None else 0
+        keep = min(keep + 1, T) if keep else 0
+        mask = padding_mask if padding_mask is not None else q.new_ones(q.shape[:2])
+        outputs, states = [], []
+        for start, end in [(0, T - keep)] * (keep < T) + [(t, t + 1) for t in range(T - keep, T)]:
+            y, state = self._attend(
+                q[:, start:end], k[:, start:end], v[:, start:end], state, mask[:, start:end], cache is not None
             )
-        else:
-            y, final_state = linear_attention_chunked(
-                q, k, v, self.feature_map, chunk_size=self.chunk_size, output_final_state=cache is not None, **options
-            )
-        # 3. Keep the state, and count the tokens it has seen.
+            outputs.append(y)
+            states.append(state)
+        y = torch.cat(outputs, dim=1)
+        # 3. Keep the state (or the last `keep` states), and count the tokens it has seen.
         if cache is not None:
-            cache.update_recurrent_state(final_state, self.layer_idx)
+            cache.update_recurrent_state(states[-keep:] if keep else state, self.layer_idx)
             _count_tokens_in_cache(cache, self.layer_idx, hidden_states)
         # 4. Output projection.
         return self.proj_o(y.reshape(*hidden_states.shape[:-1], -1).to(hidden_states.dtype))
@@ -438,7 +457,6 @@ class BasedPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BasedDecoderLayer"]
     _supports_sdpa = True
-    _is_stateful = True
     # `attentions`: the softmax weights of the sliding-window layers only (linear attention and convolutions have none)
     _can_record_outputs = {"hidden_states": BasedDecoderLayer, "attentions": BasedSlidingWindowAttention}
 

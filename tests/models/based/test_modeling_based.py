@@ -225,6 +225,19 @@ def test_generate_continues_from_a_returned_cache(layout):
     assert int(cache.get_seq_length()) == 9 + 6 - 1  # the last generated token is never fed back
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prompt_lookup_and_assisted_decoding_equal_greedy_decoding(layout):
+    # Both draft several tokens, verify them in one forward and roll the cache back past the rejected ones, so the
+    # recurrent state of every drafted position must be kept until then.
+    model = layout_model(layout)
+    prompt = torch.randint(1, 63, (1, 5)).repeat(1, 3)  # repeated n-grams: prompt lookup drafts from them
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, prompt_lookup_num_tokens=3, **kwargs), greedy)
+    assistant = layout_model(layout, seed=1)  # drafts tokens the model mostly rejects
+    assert torch.equal(model.generate(prompt, assistant_model=assistant, **kwargs), greedy)
+
+
 @pytest.mark.parametrize("old_name", ["past_key_values", "cache_params"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_old_cache_keywords_warn_and_give_the_same_logits(layout, old_name):
