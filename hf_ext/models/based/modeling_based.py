@@ -342,15 +342,14 @@ class BasedLinearAttention(nn.Module):
         # `n + 1` tokens (stepped one by one).
         keep = cache.get_recurrent_states_to_keep(self.layer_idx) if cache is not None else 0
         keep = min(keep + 1, T) if keep else 0
-        mask = padding_mask if padding_mask is not None else q.new_ones(q.shape[:2])
+        spans = ([(0, T - keep)] if keep < T else []) + [(t, t + 1) for t in range(T - keep, T)]
         outputs, states = [], []
-        for start, end in [(0, T - keep)] * (keep < T) + [(t, t + 1) for t in range(T - keep, T)]:
-            y, state = self._attend(
-                q[:, start:end], k[:, start:end], v[:, start:end], state, mask[:, start:end], cache is not None
-            )
+        for start, end in spans:
+            mask = padding_mask[:, start:end] if padding_mask is not None else None
+            y, state = self._attend(q[:, start:end], k[:, start:end], v[:, start:end], state, mask, cache is not None)
             outputs.append(y)
             states.append(state)
-        y = torch.cat(outputs, dim=1)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         # 3. Keep the state (or the last `keep` states), and count the tokens it has seen.
         if cache is not None:
             cache.update_recurrent_state(states[-keep:] if keep else state, self.layer_idx)

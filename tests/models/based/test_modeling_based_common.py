@@ -72,13 +72,13 @@ class BasedModelTester:
         self.max_position_embeddings = max_position_embeddings
         self.pad_token_id = self.bos_token_id = self.eos_token_id = vocab_size - 1
 
-    def get_config(self) -> BasedConfig:
+    def get_config(self, **overrides) -> BasedConfig:
         return BasedConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads, feature_dim=self.feature_dim,
             intermediate_size=self.intermediate_size, chunk_size=self.chunk_size,
             max_position_embeddings=self.max_position_embeddings, pad_token_id=self.pad_token_id,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, **LAYOUTS[self.layout],
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, **{**LAYOUTS[self.layout], **overrides},
         )
 
     def prepare_config_and_inputs(self):
@@ -213,13 +213,14 @@ class BasedLinearFirstModelTest(BasedModelTestMixin, unittest.TestCase):
     def test_attention_outputs(self):
         # Overridden as transformers' hybrids (Qwen3-Next, OlmoHybrid) do: only the sliding-window layer returns
         # attention weights, so there is one `attentions` entry per such layer, not per layer.
-        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        _, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
+        config = self.model_tester.get_config(attn_implementation="eager")  # only eager attention returns weights
         seq_len, window = self.model_tester.seq_length, config.sliding_window
         num_sliding = config.layer_types.count("sliding_attention")
         outside_window = torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1) | torch.ones(
             seq_len, seq_len, dtype=torch.bool).tril(-window)
         for model_class in self.all_model_classes:
-            model = model_class._from_config(config, attn_implementation="eager").eval()
+            model = model_class(config).eval()
             for request in ({"output_attentions": True}, {"output_attentions": True, "output_hidden_states": True}):
                 with torch.no_grad():
                     outputs = model(**self._prepare_for_class(inputs_dict, model_class), **request)
