@@ -21,6 +21,20 @@ Skipped common tests, each as transformers skips it for models of this kind:
 - `test_generation_tester_mixin_tests` (the placeholder below) skips when `GenerationTesterMixin` is hf_ext's
   stand-in: transformers' sdist does not ship tests/generation/test_utils.py, so the generation tests run only where
   `fetch_peer_tests.py --source transformers=DIR` brought the real file.
+
+With the real file (a copy of transformers older than 5.25, see fetch_peer_tests.py), four of its tests cannot run on
+5.25 for any model and are skipped with that reason; test_modeling_based.py checks what they would:
+
+- `test_assisted_decoding_matches_greedy_search_*` and `test_assisted_decoding_sample` read
+  `PreTrainedModel._is_stateful`, which transformers 5.25 removed (AttributeError).
+- `test_prompt_lookup_decoding_matches_greedy_search` carries `@is_flaky` without the call 5.25's `is_flaky` needs,
+  and `test_generate_from_inputs_embeds` is a `pytest.mark` wrapped around what `parameterized.expand` left under
+  the name: neither runs anything (their cases and test_modeling_based.py do).
+
+Overridden (not skipped), as transformers' hybrids override them: `_check_past_key_values_for_generate` (Based's
+cache layers differ by layer type) and, in the linear-first layout, `test_attention_outputs` and
+`_check_attentions_for_generate` (one entry per sliding-window layer; a cached step sees the window only). The two
+tests that pass `past_key_values=` to 5.25's `generate` ignore its FutureWarning.
 """
 
 import unittest
@@ -124,57 +138,6 @@ class BasedModelTestMixin(ModelTesterMixin, GenerationTesterMixin):
     def test_bc_cache_name_forward(self):
         super().test_bc_cache_name_forward()
 
-    def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
-        # Overridden as transformers' hybrids (Qwen3-Next, OlmoHybrid) do: Based's cache layers differ by layer type.
-        self.assertEqual(len(past_key_values.layers), config.num_hidden_layers)
-        F, head_dim = config.feature_dim, config.hidden_size // config.num_attention_heads
-        feature_size = F * F if config.feature_map == "rebased" else 1 + F + F * F
-        for layer, layer_type in zip(past_key_values.layers, config.layer_types, strict=True):
-            if layer_type == "sliding_attention":  # the last `sliding_window - 1` keys and values
-                kv_length = min(seq_length, config.sliding_window - 1)
-                for states in (layer.keys, layer.values):
-                    self.assertEqual(states.shape, (batch_size, config.num_key_value_heads, kv_length, config.head_dim))
-            elif layer_type == "conv":  # the last `conv_kernel_size` inputs of the convolution, no recurrent state
-                conv_shape = (batch_size, config.conv_expand * config.hidden_size, config.conv_kernel_size)
-                self.assertEqual(layer.conv_states[0].shape, conv_shape)
-                self.assertFalse(layer.is_recurrent_states_initialized[0])
-            else:  # linear attention: the state [sum phi(k) v, sum phi(k)] per head, and a zero-width conv state
-                self.assertEqual(layer.recurrent_states[0].shape, (batch_size, config.num_attention_heads, feature_size, head_dim + 1))
-                self.assertEqual(layer.conv_states[0].shape, (batch_size, 0, 1))
-
-    # transformers 5.25's `generate` deprecates the `past_key_values=` these two tests of the (older) copy of
-    # GenerationTesterMixin pass to it: the peer test's call, hf_ext not involved.
-    @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated and will be removed in version 6.0.0:FutureWarning")
-    def test_generate_continue_from_past_key_values(self):
-        super().test_generate_continue_from_past_key_values()
-
-    @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated and will be removed in version 6.0.0:FutureWarning")
-    def test_generate_continue_from_inputs_embeds(self):
-        super().test_generate_continue_from_inputs_embeds()
-
-    # Not tests in this copy of GenerationTesterMixin on transformers 5.25 (each runs nothing and returns a value):
-    # `pytest.mark.generate` wraps what `parameterized.expand` left under the name (its cases `_0_greedy` and
-    # `_1_beam_search` run), and `@is_flaky` is applied without the call 5.25's `is_flaky` needs.
-    @unittest.skip(reason="Not a test here: the cases are test_generate_from_inputs_embeds_0_greedy and _1_beam_search")
-    def test_generate_from_inputs_embeds(self):
-        pass
-
-    @unittest.skip(reason="`@is_flaky` without a call: never runs on 5.25; test_modeling_based.py tests prompt lookup")
-    def test_prompt_lookup_decoding_matches_greedy_search(self):
-        pass
-
-    # This copy of GenerationTesterMixin skips assisted decoding when `model_class._is_stateful`, an attribute
-    # transformers 5.25 removed (a linear cache now rolls back through `Cache.crop`); on 5.25 they raise
-    # AttributeError for any model. test_modeling_based.py checks assisted decoding and prompt lookup against greedy.
-    @parameterized.expand([("random",), ("same",)])
-    @unittest.skip(reason="Reads PreTrainedModel._is_stateful, which transformers 5.25 removed")
-    def test_assisted_decoding_matches_greedy_search(self, assistant_type):
-        pass
-
-    @unittest.skip(reason="Reads PreTrainedModel._is_stateful, which transformers 5.25 removed")
-    def test_assisted_decoding_sample(self):
-        pass
-
     if is_stand_in(generation_utils):
 
         def test_generation_tester_mixin_tests(self):
@@ -182,6 +145,59 @@ class BasedModelTestMixin(ModelTesterMixin, GenerationTesterMixin):
                 "GenerationTesterMixin is hf_ext's stand-in: transformers 5.25.0's sdist does not ship "
                 f"tests/generation/test_utils.py; `{FETCH} --source transformers=DIR` brings it from a checkout"
             )
+
+    else:  # the real GenerationTesterMixin, from the copy of the repository named in fetch_peer_tests.py
+
+        def _check_past_key_values_for_generate(self, batch_size, past_key_values, seq_length, config):
+            # Overridden as transformers' hybrids (Qwen3-Next, OlmoHybrid) do: Based's cache layers differ by layer type.
+            self.assertEqual(len(past_key_values.layers), config.num_hidden_layers)
+            F, head_dim = config.feature_dim, config.hidden_size // config.num_attention_heads
+            feature_size = F * F if config.feature_map == "rebased" else 1 + F + F * F
+            for layer, layer_type in zip(past_key_values.layers, config.layer_types, strict=True):
+                if layer_type == "sliding_attention":  # the last `sliding_window - 1` keys and values
+                    kv_length = min(seq_length, config.sliding_window - 1)
+                    for states in (layer.keys, layer.values):
+                        self.assertEqual(states.shape, (batch_size, config.num_key_value_heads, kv_length, config.head_dim))
+                elif layer_type == "conv":  # the last `conv_kernel_size` inputs of the convolution, no recurrent state
+                    conv_shape = (batch_size, config.conv_expand * config.hidden_size, config.conv_kernel_size)
+                    self.assertEqual(layer.conv_states[0].shape, conv_shape)
+                    self.assertFalse(layer.is_recurrent_states_initialized[0])
+                else:  # linear attention: the state [sum phi(k) v, sum phi(k)] per head, and a zero-width conv state
+                    self.assertEqual(layer.recurrent_states[0].shape, (batch_size, config.num_attention_heads, feature_size, head_dim + 1))
+                    self.assertEqual(layer.conv_states[0].shape, (batch_size, 0, 1))
+
+        # transformers 5.25's `generate` deprecates the `past_key_values=` these two tests of the (older) copy of
+        # GenerationTesterMixin pass to it: the peer test's call, hf_ext not involved.
+        @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated and will be removed in version 6.0.0:FutureWarning")
+        def test_generate_continue_from_past_key_values(self):
+            super().test_generate_continue_from_past_key_values()
+
+        @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated and will be removed in version 6.0.0:FutureWarning")
+        def test_generate_continue_from_inputs_embeds(self):
+            super().test_generate_continue_from_inputs_embeds()
+
+        # Not tests in this copy of GenerationTesterMixin on transformers 5.25 (each runs nothing and returns a value):
+        # `pytest.mark.generate` wraps what `parameterized.expand` left under the name (its cases `_0_greedy` and
+        # `_1_beam_search` run), and `@is_flaky` is applied without the call 5.25's `is_flaky` needs.
+        @unittest.skip(reason="Not a test here: the cases are test_generate_from_inputs_embeds_0_greedy and _1_beam_search")
+        def test_generate_from_inputs_embeds(self):
+            pass
+
+        @unittest.skip(reason="`@is_flaky` without a call: never runs on 5.25; test_modeling_based.py tests prompt lookup")
+        def test_prompt_lookup_decoding_matches_greedy_search(self):
+            pass
+
+        # This copy of GenerationTesterMixin skips assisted decoding when `model_class._is_stateful`, an attribute
+        # transformers 5.25 removed (a linear cache now rolls back through `Cache.crop`); on 5.25 they raise
+        # AttributeError for any model. test_modeling_based.py checks assisted decoding and prompt lookup against greedy.
+        @parameterized.expand([("random",), ("same",)])
+        @unittest.skip(reason="Reads PreTrainedModel._is_stateful, which transformers 5.25 removed")
+        def test_assisted_decoding_matches_greedy_search(self, assistant_type):
+            pass
+
+        @unittest.skip(reason="Reads PreTrainedModel._is_stateful, which transformers 5.25 removed")
+        def test_assisted_decoding_sample(self):
+            pass
 
 
 class BasedConvFirstModelTest(BasedModelTestMixin, unittest.TestCase):
