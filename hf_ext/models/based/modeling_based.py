@@ -523,7 +523,8 @@ class BasedModel(BasedPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(B, T_past + T)`, *optional*): 1 for tokens, 0 for padding.
                 Padded positions are kept out of the recurrent and convolution states.
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the learned position
-                embedding and the rotary embedding of sliding-window layers.
+                embedding and the rotary embedding of sliding-window layers; by default they continue after the
+                `cache.get_seq_length()` tokens the cache has seen.
             cache (`Cache`, *optional*): the decoding state from an earlier call (`DynamicCache(config=config)`):
                 a fixed-size recurrent state per linear-attention layer, the last `conv_kernel_size` inputs per
                 convolution, and at most `sliding_window - 1` keys/values per sliding-window layer.
