@@ -142,6 +142,18 @@ def test_rebased_normalisation_joint_or_per_head(feature_norm, gamma_size):
 # Cached decoding
 
 
+def _step_by_step_logits(model, ids, prefix, pass_positions=True):
+    """Logits of `ids` from a prefill of its first `prefix` tokens, then one cached step per token."""
+    with torch.no_grad():
+        out = model(ids[:, :prefix], use_cache=True)
+        steps = [out.logits]
+        for t in range(prefix, ids.shape[1]):
+            positions = {"position_ids": torch.tensor([[t]])} if pass_positions else {}
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True, **positions)
+            steps.append(out.logits)
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("feature_map", KERNELS)
 @pytest.mark.parametrize("sliding", [False, True])
 def test_cached_logits_match_full_forward(feature_map, sliding):
@@ -149,12 +161,7 @@ def test_cached_logits_match_full_forward(feature_map, sliding):
     ids = torch.randint(1, 63, (2, 11))
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :6], use_cache=True)
-        steps = [out.logits]
-        for t in range(6, 11):
-            out = model(ids[:, t : t + 1], cache=out.cache, position_ids=torch.tensor([[t]]), use_cache=True)
-            steps.append(out.logits)
-    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
+    assert (_step_by_step_logits(model, ids, prefix=6) - full).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("feature_map", KERNELS)
@@ -205,12 +212,7 @@ def test_decoding_without_position_ids_continues_the_positions(layout):
     ids = torch.randint(1, 63, (2, 9))
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :5], use_cache=True)
-        steps = [out.logits]
-        for t in range(5, 9):
-            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits)
-    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
+    assert (_step_by_step_logits(model, ids, prefix=5, pass_positions=False) - full).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
