@@ -19,13 +19,13 @@ files of that SAE are downloaded.
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_ext.atomic import atomic_folder
 from hf_ext.sae_match.sae import SparseAutoencoder
 
 FORMATS = ("gemma_scope", "saelens", "sparsify")
@@ -199,16 +199,18 @@ def _check_declared_sizes(folder: Path, sae: SparseAutoencoder, d_in, n_features
 
 
 _READERS = {"gemma_scope": _read_gemma_scope, "saelens": _read_saelens, "sparsify": _read_sparsify}
+_SAVED_FILES = ("params.npz", "sae_weights.safetensors", "sae.safetensors", "cfg.json")  # what save_sae writes, any format
 
 
 def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, format: str = "saelens") -> Path:
     """Write ``sae`` into ``folder`` in one of the formats `load_sae` reads.
 
-    The files are written to a temporary folder beside ``folder`` and moved into place when complete.
+    The files are written to a temporary folder beside ``folder`` that replaces it when complete
+    (:func:`hf_ext.atomic.atomic_folder`), so ``folder`` holds the old SAE or the new one, never a mix.
 
     Args:
         sae: the SAE.
-        folder: where to write (created if needed; existing files of the same names are replaced).
+        folder: where to write: a new or empty folder, or one holding a previous save (replaced whole).
         format: ``"saelens"`` (any activation), ``"gemma_scope"`` (JumpReLU without ``b_dec`` subtraction)
             or ``"sparsify"`` (TopK).
 
@@ -216,7 +218,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, format: str = "s
         ``folder`` as a ``Path``.
 
     Raises:
-        ValueError: unknown ``format``, or an SAE the format cannot express.
+        ValueError: unknown ``format``, an SAE the format cannot express, or a ``folder`` holding other files.
     """
     if format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
@@ -226,11 +228,8 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, format: str = "s
         raise ValueError(f"format='sparsify' holds TopK SAEs, got activation={sae.activation!r}.")
     if format == "sparsify" and not sae.apply_b_dec_to_input and not sae.metadata.get("transcode"):
         raise ValueError("format='sparsify' autoencoders subtract b_dec from the input; this SAE does not.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-save-sae-") as tmp:
-        tmp = Path(tmp)
+    with atomic_folder(folder, overwrite=_SAVED_FILES, arg="folder") as tmp:  # a previous save is replaced whole
         if format == "gemma_scope":
             np.savez(tmp / "params.npz", **{name: t.numpy() for name, t in tensors.items()})
         elif format == "saelens":
@@ -244,9 +243,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, format: str = "s
             )
             _write_json(tmp / "cfg.json", {"activation": "topk", "num_latents": sae.n_features, "k": sae.k,
                                            "transcode": bool(sae.metadata.get("transcode", False)), "d_in": sae.d_model})
-        for path in tmp.iterdir():
-            os.replace(path, folder / path.name)
-    return folder
+    return Path(folder).expanduser()
 
 
 def _saelens_cfg(sae: SparseAutoencoder) -> dict:
