@@ -160,7 +160,7 @@ def main(argv=None):
     for alpha in args.alphas:
         model = interpolate_models(base, tuned, alpha)
         texts = generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, args.tiny)
-        labels = [r["label"] for r in classifier([p + " " + t for p, t in zip(prompts, texts)], truncation=True)]
+        labels = [r["label"] for r in classifier([p + " " + t for p, t in zip(prompts, texts, strict=True)], truncation=True)]
         rate = sum(label == args.positive_label for label in labels) / len(labels)
         rows.append({"alpha": alpha, "positive_rate": rate, "perplexity": perplexity(model, tokenizer, held_out, args.tiny),
                      "sample": prompts[0] + " " + texts[0]})

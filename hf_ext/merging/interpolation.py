@@ -24,7 +24,14 @@ from torch import nn
 _MAX_LISTED = 5  # offenders quoted in an error message
 
 
-def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+def lerp(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    alpha: float,
+    dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``base + alpha * (tuned - base)`` for one tensor, computed in float32 and cast back.
 
     The result is on ``tuned``'s device, in ``dtype`` (default: ``tuned``'s dtype). ``torch.lerp``
@@ -40,9 +47,12 @@ def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dty
         tuned: theta_tuned, same shape and dtype as ``base``.
         alpha: the interpolation coefficient (any finite number; outside [0, 1] extrapolates).
         dtype: the result's dtype, if not ``tuned``'s (cast once, from the float32 result).
+        out: a tensor of the result's shape, dtype and device to write into, as ``torch.lerp``'s
+            ``out``; when ``dtype`` is ``tuned``'s, no temporary is made (what streaming a large
+            checkpoint into preallocated shards needs to keep its peak memory, see BENCHMARKS.md).
 
     Returns:
-        A new tensor theta(alpha).
+        theta(alpha): a new tensor, or ``out``.
 
     Examples:
         >>> lerp(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 4.0]), 0.5)
@@ -52,9 +62,10 @@ def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dty
     """
     base = base.to(tuned.device)
     if dtype is None or dtype == tuned.dtype:
-        return torch.lerp(base, tuned, float(alpha))
+        return torch.lerp(base, tuned, float(alpha), out=out)
     compute_dtype = torch.promote_types(tuned.dtype, torch.float32)  # fp64 stays fp64
-    return torch.lerp(base.to(compute_dtype), tuned.to(compute_dtype), float(alpha)).to(dtype)
+    theta = torch.lerp(base.to(compute_dtype), tuned.to(compute_dtype), float(alpha))
+    return theta.to(dtype) if out is None else out.copy_(theta)
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:

@@ -65,6 +65,15 @@ def test_lerp_reduced_precision_equals_float32_reference(dtype, alpha):
     assert torch.equal(lerp(base, tuned, alpha), reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16])
+def test_lerp_out_writes_the_same_bits(dtype, out_dtype):
+    base, tuned = torch.randn(1000).to(dtype), torch.randn(1000).to(dtype)
+    out = torch.full((1000,), float("nan"), dtype=out_dtype or dtype)
+    assert lerp(base, tuned, 0.3, dtype=out_dtype, out=out) is out
+    assert torch.equal(out, lerp(base, tuned, 0.3, dtype=out_dtype))
+
+
 def test_lerp_dtype_argument_casts_once():
     base, tuned = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([1.0 + 2**-7], dtype=torch.bfloat16)
     assert lerp(base, tuned, 0.25, dtype=torch.float32).item() == 1.0 + 0.25 * 2**-7
