@@ -6,7 +6,7 @@ temporary folder; each contender then runs in its own subprocess, so that its pe
 of them read from memory and start writing with nothing queued before them.
 
 Rows:
-- ``read inputs once``: every tensor of both checkpoints read once with ``safe_open`` (the floor);
+- ``read inputs once``: every tensor of both checkpoints read once with ``safe_open`` (the time target's yardstick);
 - ``copy one input``: every shard of ``base`` read and written back with ``save_file`` (the floor of writing
   one output: when the disk is slower than the page cache, writing dominates every streamed row);
 - ``streamed``: ``interpolate_checkpoints(base, tuned, 0.5, out)``;

@@ -167,7 +167,7 @@ def main(argv=None):
         print(f"alpha {alpha:+.2f}: positive rate {rate:.3f}, perplexity {rows[-1]['perplexity']:.2f} | {rows[-1]['sample']!r}")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 
-    if args.save_dir:  # the same models as checkpoints, streamed: each input tensor read once for all alphas
+    if args.save_dir:  # the same models as checkpoints, streamed shard by shard, every alpha in one run
         if args.tiny:
             base.save_pretrained(out / "base")
             tuned.save_pretrained(out / "tuned")

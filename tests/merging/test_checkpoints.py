@@ -163,6 +163,8 @@ def test_argument_errors(saved, tmp_path):
         interpolate_checkpoints(base, tuned, [], tmp_path / "out")
     with pytest.raises(ValueError, match=r"`shard_size` must be a positive number of bytes"):
         interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", shard_size=0)
+    with pytest.raises(ValueError, match=r"`shard_size` must be bytes or a size like '5GB', got '5XB' \(Unit 'XB' not supported"):
+        interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", shard_size="5XB")
     with pytest.raises(ValueError, match=r"`dtype` must be None or one of"):
         interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", dtype=torch.int8)
     with pytest.raises(ValueError, match=r"overlaps the input folder"):
