@@ -39,7 +39,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddlm import DDLMConfig
@@ -188,7 +189,7 @@ class DDLMAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`(B, T, h)` -> (`(B, T, h)` output, `(B, nh, T, T)` weights or None where the implementation has none)."""
         B, T, C = hidden_states.shape
@@ -220,7 +221,9 @@ class DDLMBlock(GradientCheckpointingLayer):
         )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
         attn_out, _ = self.attn(self.attn_norm(hidden_states), attention_mask, **kwargs)
         hidden_states = hidden_states + self.dropout(attn_out)
         return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
@@ -360,7 +363,7 @@ class DDLMModel(DDLMPreTrainedModel):
         self_conditioning: torch.Tensor | None = None,
         conditioning_mask: torch.BoolTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
         """One evaluation of the transformer, up to (not including) the vocabulary head.
 
@@ -425,7 +428,7 @@ class DDLMModel(DDLMPreTrainedModel):
         noise: torch.Tensor | None = None,
         conditioning_mask: torch.BoolTensor | None = None,
         self_conditioning: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> DDLMModelOutput:
         """Noise clean tokens, denoise them and, with `labels`, return the training loss.
 

@@ -282,6 +282,23 @@ def test_sdpa_matches_eager_outputs_and_gradients():
         torch.testing.assert_close(grads_sdpa[name], grads_eager[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_sdpa_matches_eager_in_bfloat16():
+    """bfloat16 logits of the two implementations agree to transformers' common-test tolerance (rtol 1e-2, atol
+    3e-2 times the largest logit)."""
+    torch.manual_seed(0)
+    sdpa = DDLMModel(tiny_config(num_hidden_layers=2)).to(torch.bfloat16).eval()
+    sdpa.set_attn_implementation("sdpa")
+    eager = DDLMModel(tiny_config(num_hidden_layers=2)).to(torch.bfloat16).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    inputs = {**_padded_batch(), "noise": _padded_batch()["noise"].bfloat16()}
+    with torch.no_grad():
+        logits_sdpa, logits_eager = sdpa(**inputs).logits, eager(**inputs).logits
+    assert logits_sdpa.dtype == torch.bfloat16
+    atol = 3e-2 * logits_eager.abs().max().item()
+    torch.testing.assert_close(logits_sdpa, logits_eager, atol=atol, rtol=1e-2)
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_activation_checkpointing_gives_the_same_gradients(attn_implementation, use_reentrant):
