@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, LogitsProcessorList, PreTrainedTokenizerFast
 
+from hf_ext._compat.transformers import attention_implementation
 from hf_ext.generation.caif import CAIFLogitsProcessor, _attribute_log_prob, caif_reference_scores
 from hf_ext.testing import get_tiny_tokenizer, tiny_corpus, tiny_gpt2, tiny_roberta
 
@@ -185,6 +186,18 @@ def _tiny_llama_classifier(tokenizer, seed=3):
     )
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+def test_packed_forward_only_for_attention_that_takes_a_4d_mask(tok, attn_implementation):
+    """The packed candidate forward hands the decoder a custom 4D float mask, which eager and SDPA attention take;
+    other implementations (here flex attention) go through the classifier's own forward."""
+    classifier = _tiny_llama_classifier(tok)
+    classifier.set_attn_implementation(attn_implementation)
+    assert attention_implementation(classifier.config) == attn_implementation
+    classifier.config.pad_token_id = tok.eos_token_id  # the own-forward path pads with it
+    proc = CAIFLogitsProcessor(classifier, tok, tok, target_label=1, alpha=2.0)
+    assert proc.is_causal_classifier == proc.use_prefix_cache == (attn_implementation != "flex_attention")
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
