@@ -217,13 +217,16 @@ def _read_saelens(folder: Path) -> SparseAutoencoder:
     if rescaled:
         _fold_decoder_norms(weights)
     meta = cfg.get("metadata") or cfg.get("meta") or {}  # nested since SAELens 6, flat before
+    metadata = {"hook_name": meta.get("hook_name", cfg.get("hook_name"))}
+    if rescaled:
+        metadata["decoder_norms_folded"] = True
     sae = SparseAutoencoder(
         weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
         activation=activation,
         threshold=weights.get("threshold") if activation == "jumprelu" else None,
         k=int(cfg["k"]) if activation == "topk" else None,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        metadata={"hook_name": meta.get("hook_name", cfg.get("hook_name")), **({"decoder_norms_folded": True} if rescaled else {})},
+        metadata=metadata,
     )
     _check_declared_sizes(folder, sae, cfg.get("d_in"), cfg.get("d_sae"))
     return sae

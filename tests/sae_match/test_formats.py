@@ -330,12 +330,18 @@ def test_saelens_refuses_gated(tmp_path, sae_lens):
         load_sae(tmp_path)
 
 
-@pytest.mark.parametrize("writer", ["topk_training_checkpoint", "pre_6", "standard", "jumprelu"])
+@pytest.mark.parametrize("writer", ["topk_training_checkpoint", "pre_6", "standard", "jumprelu", "save_sae"])
 def test_hand_written_saelens_layouts_read_alike_in_saelens(tmp_path, sae_lens, writer):
-    """The layouts the tests above write by hand are ones SAELens itself reads, to the same function."""
+    """The layouts the tests above write by hand, and `save_sae`'s, are ones SAELens itself reads, to the same
+    function."""
+    from hf_ext.sae_match.synthetic import random_sae
+
     w = _weights(14)
     w["W_dec"] = w["W_dec"] * torch.linspace(0.05, 3.0, F)[:, None]
-    if writer == "topk_training_checkpoint":
+    if writer == "save_sae":
+        save_sae(random_sae(F, D, "topk", k=3, apply_b_dec_to_input=True), tmp_path)
+        reference = sae_lens.SAE.load_from_disk(tmp_path)
+    elif writer == "topk_training_checkpoint":
         write_saelens_topk_training_checkpoint(tmp_path, w, k=4)
         reference = sae_lens.TopKTrainingSAE.load_from_disk(tmp_path)
     elif writer == "pre_6":
