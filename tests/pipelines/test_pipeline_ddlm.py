@@ -196,3 +196,23 @@ def test_bad_prompt_type_and_mismatched_noise_range(pipe):
     pipe.scheduler = DDLMScheduler(sigma_max=20.0)  # the model's time warp was fitted on [1, 10]
     with pytest.raises(ValueError, match=r"noise range.*\(1\.0, 20\.0\).*\(1\.0, 10\.0\)"):
         _run(pipe)
+
+
+def test_tuple_return_matches_the_output_object(pipe):
+    """Regression: without a tokenizer `return_dict=False` gave `(None, sequences, steps_used)`, while the output's
+    `[0]` was `sequences` and its `to_tuple()` had two entries."""
+    for tokenizer in (pipe.tokenizer, None):
+        pipe.tokenizer = tokenizer
+        out, as_tuple = _run(pipe), _run(pipe, return_dict=False)
+        assert len(as_tuple) == len(out.to_tuple()) == (3 if tokenizer else 2)
+        assert torch.equal(as_tuple[0], out[0]) and torch.equal(as_tuple[0], out.sequences)
+        assert torch.equal(as_tuple[1], out.steps_used)
+
+
+def test_over_long_prompt_is_truncated_like_a_tokenizer(pipe, tiny_tokenizer):
+    """Regression: a prompt longer than `length` raised; it is cut to `length` tokens as `truncation=True` would."""
+    prompt = "the movie was really great and i liked it a lot"
+    ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 5
+    out = _run(pipe, prompt=prompt, length=5)
+    assert out.sequences.tolist() == [ids[:5]] * 4
