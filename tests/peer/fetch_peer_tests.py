@@ -36,9 +36,11 @@ The pins are per version: when an installed version has no pins, the script stop
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import importlib.metadata
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +126,7 @@ SUITES: dict[str, Suite] = {
         repo="huggingface/diffusers",
         commit="58eb52c0803ea9af3abec60841c2a093bdf1f951",
         repo_files={
+            "tests/conftest.py": "a3dedd507f5d154420555329a9feb8a08bad1a18480a21ebb7b488e7771916f8",
             "tests/models/autoencoders/vae.py": "cafb77d5410f02e32157ce904c01d20393cc32b394dfc72487f4853e7a4823b2",
             "tests/models/test_modeling_common.py": "d0aad65e34a09aafc743c0e3bf086f8195b73420c6507e41393f59dd8c397cab",
             "tests/models/testing_utils/__init__.py": "01e9ad6c07f063ce9ec6ff43b088b8ab4e146821eb3c36fefeba8bd0722b8e60",
@@ -229,6 +232,28 @@ def pytest_markers(pyproject: bytes | None) -> list[str]:
     return pytest_table.get("ini_options", pytest_table).get("markers", [])  # pytest 9 also reads [tool.pytest]
 
 
+def conftest_markers(conftest: bytes | None) -> list[str]:
+    """The markers a suite's ``tests/conftest.py`` registers with ``config.addinivalue_line("markers", "...")``
+    (diffusers declares its markers there, not in its pyproject); read with ``ast``, never run."""
+    if conftest is None:
+        return []
+    calls = [node for node in ast.walk(ast.parse(conftest)) if isinstance(node, ast.Call)]
+    return [
+        call.args[1].value for call in calls
+        if getattr(call.func, "attr", None) == "addinivalue_line" and len(call.args) == 2
+        and all(isinstance(arg, ast.Constant) for arg in call.args) and call.args[0].value == "markers"
+    ]
+
+
+def undeclared_markers(files: dict[str, bytes], declared: list[str]) -> list[str]:
+    """Markers the suite's files apply (``pytest.mark.<name>``) without declaring them, which its own runs accept
+    (no ``--strict-markers``) but hf_ext's strict run would refuse at import; registered as such."""
+    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in declared}
+    known |= {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}  # pytest's own
+    used = {name.decode() for data in files.values() for name in re.findall(rb"pytest\.mark\.(\w+)", data)}
+    return [f"{name}: applied by the peer's tests, not declared by them" for name in sorted(used - known)]
+
+
 def read_source_file(source: Path, suite: Suite, path: str) -> bytes | None:
     """``path`` from a --source copy: a plain folder or checkout first, else a git directory at the pinned commit."""
     plain = source / path
@@ -264,7 +289,8 @@ def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tup
         wrong = [f"{path}: sha256 {sha256(data)} (pinned {pins[path]})" for path, data in files.items() if sha256(data) != pins[path]]
         if wrong:
             raise SystemExit(f"{suite.library}: files differ from their pins:\n  " + "\n  ".join(wrong))
-    return files, sorted(set(pins) - set(files)), pytest_markers(pyproject)
+    markers = pytest_markers(pyproject) + conftest_markers(files.get("tests/conftest.py"))
+    return files, sorted(set(pins) - set(files)), markers + undeclared_markers(files, markers)
 
 
 def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
