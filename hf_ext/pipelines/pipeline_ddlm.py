@@ -219,7 +219,8 @@ class DDLMPipeline(DiffusionPipeline):
                 Called after each step as `callback_on_step_end(pipe, step, timestep, callback_kwargs)`; a returned
                 `"latents"` replaces the latents.
             callback_on_step_end_tensor_inputs (`list[str]`, *optional*):
-                Keys of `callback_kwargs`, from `_callback_tensor_inputs` (defaults to `["latents"]`).
+                Keys of `callback_kwargs`, from `_callback_tensor_inputs` (defaults to `["latents"]`). `"logits"` is
+                a buffer the next steps overwrite: clone it to keep it.
 
         Examples:
 
@@ -278,7 +279,7 @@ class DDLMPipeline(DiffusionPipeline):
                     halted, streak = self._update_halting(early_exit, i, logits, last_logits, active, ~cond, halted, streak)
                 if last_logits is None:
                     last_logits = logits.new_zeros(batch_size, *logits.shape[1:])
-                last_logits = last_logits.index_copy(0, active, logits)
+                last_logits[active] = logits  # in place: a (B, L, V) copy per step would cost more than the rest
 
                 if callback_on_step_end is not None:
                     callback_kwargs = {
