@@ -36,7 +36,6 @@ The pins are per version: when an installed version has no pins, the script stop
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import importlib.metadata
 import io
@@ -65,6 +64,9 @@ class Suite:
         repo: ``owner/name`` on GitHub, where ``--source`` copies come from.
         commit: the commit of ``repo`` that ``repo_files`` are pinned at.
         repo_files: repository path -> sha256, for files taken from ``--source``.
+        namespace_aliases: folder under ``_suites`` -> folder of the suite it stands for, for a peer file that
+            imports a sibling by the absolute name its repository gives it (``tests.exporters``). The alias has no
+            ``__init__.py``, so it joins the ``tests`` namespace package pytest makes of hf_ext's own tests folder.
     """
 
     library: str
@@ -75,6 +77,7 @@ class Suite:
     repo: str
     commit: str
     repo_files: dict[str, str] = field(default_factory=dict)
+    namespace_aliases: dict[str, str] = field(default_factory=dict)
 
 
 SUITES: dict[str, Suite] = {
@@ -87,9 +90,19 @@ SUITES: dict[str, Suite] = {
             "tests/test_modeling_common.py": "b76190b86d67b334d474eb2d043dfa695caf45a3ceab68bc08ebf4280784abb4",
             "tests/test_configuration_common.py": "a8ac6455ff1bc085c147de71930a3bf57eb4e1ff880102ccaa627477b1f111e4",
         },
-        repo="huggingface/transformers",
-        commit="",
-        repo_files={},
+        # No copy of huggingface/transformers at v5.25.0 could be had here (the repository is over the size a
+        # snapshot may have); these two come from the synced fork zucchini-nlp/transformers at decba1d (main,
+        # 2026-08-19, 5.16.0.dev0), the newest copy found whose imports resolve on 5.25.0. Its
+        # tests/utils/test_configuration_utils.py imports httpx, which huggingface_hub 2.x replaced, so that one
+        # stays the stand-in below.
+        repo="zucchini-nlp/transformers",
+        commit="decba1d2ea4ed3cbf0495d1828abad4b2dba1846",
+        repo_files={
+            "tests/generation/test_utils.py": "9c3b4bce16f6ae1dbf97901e0b9b1eda4db9edf56e5f7fb7308ec2b32a42f966",
+            "tests/exporters/test_export.py": "d205f597d055c81dd892a775a727d62a51a6bbd33ff2af36fd2ff02db02e02e2",
+        },
+        # generation/test_utils.py imports `tests.exporters.test_export` by that absolute name.
+        namespace_aliases={"tests/exporters": "exporters"},
     ),
     "peft": Suite(
         library="peft",
@@ -126,7 +139,6 @@ SUITES: dict[str, Suite] = {
         repo="huggingface/diffusers",
         commit="58eb52c0803ea9af3abec60841c2a093bdf1f951",
         repo_files={
-            "tests/conftest.py": "a3dedd507f5d154420555329a9feb8a08bad1a18480a21ebb7b488e7771916f8",
             "tests/models/autoencoders/vae.py": "cafb77d5410f02e32157ce904c01d20393cc32b394dfc72487f4853e7a4823b2",
             "tests/models/test_modeling_common.py": "d0aad65e34a09aafc743c0e3bf086f8195b73420c6507e41393f59dd8c397cab",
             "tests/models/testing_utils/__init__.py": "01e9ad6c07f063ce9ec6ff43b088b8ab4e146821eb3c36fefeba8bd0722b8e60",
@@ -222,36 +234,18 @@ def read_sdist_files(archive: bytes, wanted: set[str]) -> dict[str, bytes]:
     return found
 
 
-def pytest_markers(pyproject: bytes | None) -> list[str]:
-    """The ``[tool.pytest.ini_options] markers`` a suite's tests are decorated with (registered by tests/conftest.py)."""
-    if pyproject is None or sys.version_info < (3, 11):
-        return []
-    import tomllib
-
-    pytest_table = tomllib.loads(pyproject.decode()).get("tool", {}).get("pytest", {})
-    return pytest_table.get("ini_options", pytest_table).get("markers", [])  # pytest 9 also reads [tool.pytest]
+_BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 
 
-def conftest_markers(conftest: bytes | None) -> list[str]:
-    """The markers a suite's ``tests/conftest.py`` registers with ``config.addinivalue_line("markers", "...")``
-    (diffusers declares its markers there, not in its pyproject); read with ``ast``, never run."""
-    if conftest is None:
-        return []
-    calls = [node for node in ast.walk(ast.parse(conftest)) if isinstance(node, ast.Call)]
-    return [
-        call.args[1].value for call in calls
-        if getattr(call.func, "attr", None) == "addinivalue_line" and len(call.args) == 2
-        and all(isinstance(arg, ast.Constant) for arg in call.args) and call.args[0].value == "markers"
-    ]
-
-
-def undeclared_markers(files: dict[str, bytes], declared: list[str]) -> list[str]:
-    """Markers the suite's files apply (``pytest.mark.<name>``) without declaring them, which its own runs accept
-    (no ``--strict-markers``) but hf_ext's strict run would refuse at import; registered as such."""
-    known = {line.split(":", 1)[0].split("(", 1)[0].strip() for line in declared}
-    known |= {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}  # pytest's own
-    used = {name.decode() for data in files.values() for name in re.findall(rb"pytest\.mark\.(\w+)", data)}
-    return [f"{name}: applied by the peer's tests, not declared by them" for name in sorted(used - known)]
+def pytest_markers(files: dict[str, bytes]) -> list[str]:
+    """The pytest markers the suite's files apply (``@pytest.mark.generate``, ``@mark.flash_attn_test``, ...),
+    for tests/conftest.py to register: the peers declare some in their own conftest or not at all, and hf_ext's
+    pytest runs with ``--strict-markers``."""
+    used = set()
+    for path, data in files.items():
+        if path.endswith(".py"):
+            used.update(re.findall(r"\bmark\.([A-Za-z_]\w*)", data.decode(errors="replace")))
+    return [f"{name}: applied by the peer's own tests" for name in sorted(used - _BUILTIN_MARKS)]
 
 
 def read_source_file(source: Path, suite: Suite, path: str) -> bytes | None:
@@ -271,26 +265,22 @@ def _git_dir(source: Path) -> Path:
 
 def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tuple[dict[str, bytes], list[str], list[str]]:
     """The files of ``suite`` its sources provide (checked against their pins when ``check``), the missing ones,
-    and the pytest markers its ``pyproject.toml`` declares."""
+    and the pytest markers they apply."""
     files: dict[str, bytes] = {}
-    pyproject = None
     if suite.sdist_sha256 is not None:
         archive = download_sdist(suite, workdir, check)
         files.update(read_sdist_files(archive, set(suite.sdist_files)))
-        pyproject = read_sdist_files(archive, {"pyproject.toml"}).get("pyproject.toml")
     if source is not None:
         for path in suite.repo_files:
             data = read_source_file(source, suite, path)
             if data is not None:
                 files[path] = data
-        pyproject = pyproject or read_source_file(source, suite, "pyproject.toml")
     pins = {**suite.sdist_files, **suite.repo_files}
     if check:
         wrong = [f"{path}: sha256 {sha256(data)} (pinned {pins[path]})" for path, data in files.items() if sha256(data) != pins[path]]
         if wrong:
             raise SystemExit(f"{suite.library}: files differ from their pins:\n  " + "\n  ".join(wrong))
-    markers = pytest_markers(pyproject) + conftest_markers(files.get("tests/conftest.py"))
-    return files, sorted(set(pins) - set(files)), markers + undeclared_markers(files, markers)
+    return files, sorted(set(pins) - set(files)), pytest_markers(files)
 
 
 def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
@@ -313,6 +303,13 @@ def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], marke
     (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)
+    for alias, target in suite.namespace_aliases.items():
+        link = SUITES_DIR / alias
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        if (root / target).is_dir():
+            link.symlink_to(root / target, target_is_directory=True)
     return root
 
 
