@@ -141,7 +141,7 @@ def build(args):
 
 def timed(pipe, args, length, steps, criterion=None):
     start = time.perf_counter()
-    out = pipe(num_samples=args.num_samples, length=length, num_inference_steps=steps, early_exit=criterion,
+    out = pipe(num_samples_per_prompt=args.num_samples, length=length, num_inference_steps=steps, early_exit=criterion,
                generator=torch.Generator().manual_seed(args.seed))
     return out, time.perf_counter() - start
 
