@@ -79,7 +79,7 @@ def run(name, args, model, tokenizer, data):
         learning_rate=1e-4,
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=args.max_length,
         save_strategy="no",

@@ -40,7 +40,7 @@ def main(out_dir: str) -> None:
         learning_rate=1e-2,
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=24,
         save_strategy="no",
