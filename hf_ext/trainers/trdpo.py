@@ -308,7 +308,9 @@ def _full_of_local(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The whole tensor whose shards, laid out as ``like``'s, are each rank's ``local``."""
     if not _is_sharded(like):
         return local
-    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def _local_of_full(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-
 from transformers import TrainerCallback
 
 from hf_ext import TRDPOConfig, TRDPOTrainer
