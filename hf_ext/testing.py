@@ -60,6 +60,27 @@ def get_tiny_tokenizer(padding_side: str = "right"):
     return tokenizer
 
 
+def get_tiny_bpe_tokenizer(padding_side: str = "right"):
+    """A byte-level BPE fast tokenizer (the kind GPT-2, Llama 3 and Qwen ship) trained in code on the built-in corpus.
+
+    Unlike :func:`get_tiny_tokenizer` it encodes any text (byte-level: nothing becomes ``<unk>``), and transformers
+    loads it faithfully under the tokenizer classes of those families (``Qwen2Tokenizer`` rebuilds a byte-level BPE
+    from a saved vocabulary and merges). Same special tokens (ids 0-4) and chat template; about 510 tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(tiny_corpus() + _FILLER, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **SPECIAL_TOKENS)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
 def _tiny_common(tokenizer=None) -> dict:
     tokenizer = tokenizer or get_tiny_tokenizer()
     return dict(

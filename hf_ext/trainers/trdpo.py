@@ -351,14 +351,23 @@ class _SumOfSquares:
         else:
             self.whole[value.device] = self.whole.get(value.device, 0.0) + value
 
-    def sqrt(self, sum_shards_over_ranks: bool = False) -> float:
-        """The square root of the total; with ``sum_shards_over_ranks`` (every rank must call it) an all-reduce."""
+    def sqrt(self, sharded: bool = False) -> float:
+        """The square root of the total; with ``sharded`` (every rank must call it) an all-reduce."""
         total = sum(float(v) for v in self.whole.values())
-        if sum_shards_over_ranks:  # every rank holds shards, so `shards` is set on all of them
+        if sharded:  # every rank holds shards, so `shards` is set on all of them
             shards = self.shards.double()
             torch.distributed.all_reduce(shards)
             total += float(shards)
         return total**0.5
+
+
+def _from_writer(values: dict[str, float], zero3: bool, device: torch.device) -> dict[str, float]:
+    """Under ZeRO-3 only rank 0 measures: it sends its values to the other ranks, so that all log the same."""
+    if not zero3:
+        return values
+    sent = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.broadcast(sent, src=0)
+    return dict(zip(values, sent.tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -436,7 +445,9 @@ class _FullReference:
                 for ref, master in zip(refs, masters, strict=True):
                     if master is not None:
                         ref.copy_(master)  # round the fp32 result into the stored dtype
-        return {"ref/distance": distance_sq.sqrt(self.sharded)} if measure else {}
+        if not measure:
+            return {}
+        return _from_writer({"ref/distance": distance_sq.sqrt(self.sharded)}, self.zero3, self.pairs[0][2].device)
 
     @torch.no_grad()
     def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -627,7 +638,8 @@ class _LoraReference:
                 local.copy_(target)
         if not measure:
             return {}
-        return {"ref/distance": distance_sq.sqrt(self.sharded), "ref/truncation_error": worst_error}
+        values = {"ref/distance": distance_sq.sqrt(self.sharded), "ref/truncation_error": worst_error}
+        return _from_writer(values, self.zero3, _lora_params(self.layers[0][1], self.adapter)[0].device)
 
     def _store(self, name: str, layer, new_b: torch.Tensor, new_a: torch.Tensor) -> None:
         """Keep the fp32 factors of layer ``name`` and write them into its reference adapter."""
