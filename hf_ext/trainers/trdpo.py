@@ -333,6 +333,24 @@ def _is_writer(zero3: bool) -> bool:
     return not zero3 or torch.distributed.get_rank() == 0
 
 
+def _whole_state(
+    entries: list[tuple[str, torch.Tensor, torch.Tensor]], master: dict[str, torch.Tensor], zero3: bool, keep: bool
+) -> dict[str, torch.Tensor]:
+    """The whole value of each reference tensor ``(name, _, ref)`` (its fp32 master where kept), on the CPU.
+
+    Every rank joins the gathers (one tensor at a time); only where ``keep`` (and on rank 0 under ZeRO-3) are the
+    values returned.
+    """
+    state = {}
+    for name, _, ref in entries:
+        with _gathered([ref], zero3):
+            if _is_writer(zero3):
+                value = _full_of_local(master.get(name, _local(ref)), ref)
+                if keep:
+                    state[name] = value.detach().cpu().clone()
+    return state
+
+
 class _SumOfSquares:
     """Accumulates squared norms on each tensor's own device; one host sync at the end, not one per parameter.
 
@@ -454,14 +472,7 @@ class _FullReference:
         """The whole reference (fp32 masters where kept), on the CPU; every rank joins, those without ``keep`` get {}."""
         if self.pairs is None:
             self.bind()
-        state = {}
-        for name, _, ref in self.pairs:
-            with _gathered([ref], self.zero3):
-                if _is_writer(self.zero3):
-                    value = _full_of_local(self.master.get(name, _local(ref)), ref)
-                    if keep:
-                        state[name] = value.detach().cpu().clone()
-        return state
+        return _whole_state(self.pairs, self.master, self.zero3, keep)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -654,13 +665,10 @@ class _LoraReference:
         """The reference factors and elementwise parameters (fp32, CPU); every rank joins, only ``keep`` gets them."""
         if self.extras is None:
             self.bind()
-        state = {}
-        for name, _, ref in self.extras:
-            with _gathered([ref], self.zero3):
-                if _is_writer(self.zero3):
-                    state[name] = _full_of_local(self.master[name], ref).detach().cpu().clone()
-        state.update({key: value.detach().cpu().clone() for key, value in self.master.items() if key not in state})
-        return state if keep else {}
+        state = _whole_state(self.extras, self.master, self.zero3, keep)
+        if keep:  # the factors: whole on every rank (rank 0 under ZeRO-3)
+            state.update({key: value.detach().cpu().clone() for key, value in self.master.items() if key not in state})
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
