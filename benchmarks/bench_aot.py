@@ -8,8 +8,8 @@ reversed every other round) so that the shared machine's noise hits them alike. 
 time over the same model with its adapter switched off (PEFT's `disable_adapter()`; the prefix model without its
 cache): copies of one encoder at different addresses differ by several percent on a CPU, which would swamp the
 overhead being measured. The script prints the median wall and CPU times, and these ratios as the median over
-rounds of the ratio within a round. The mixed batch
-cycles through the 4 tasks example by example, the worst case for grouping.
+rounds of the ratio within a round. The mixed batch cycles through the 4 tasks example by example; each layer
+gathers the examples of each task as one sub-batch (as PEFT's LoRA does), so the order does not matter.
 
     python benchmarks/bench_aot.py                       # the sizes of the issue
     python benchmarks/bench_aot.py --batch-size 8 --repeats 5   # smaller, for a busy CPU
@@ -164,9 +164,10 @@ def main():
             f"{1000 * cpu[name]:9.1f} {cpu[name] / cpu['base']:8.3f}"
         )
     for label, column in (("wall", 0), ("cpu", 1)):
-        def ratio(numerator, denominator):
+        def ratio(numerator, denominator, column=column):
             """Median over rounds of the within-round ratio: both ran seconds apart, so slow drifts cancel."""
-            return statistics.median(n[column] / d[column] for n, d in zip(times[numerator], times[denominator]))
+            rounds = zip(times[numerator], times[denominator], strict=True)
+            return statistics.median(n[column] / d[column] for n, d in rounds)
 
         overhead = {name: 100 * (ratio(name, f"{name}, adapter off") - 1) for name in contenders if name != "base"}
         print(

@@ -177,7 +177,7 @@ def bench_training(args, models) -> None:
     for name, model in models.items():
         model.train()
 
-        def step():
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             model(ids, labels=ids).loss.backward()
 

@@ -21,7 +21,13 @@ import statistics
 import time
 
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 from hf_ext.generation.caif import CAIFLogitsProcessor
 from hf_ext.testing import get_tiny_tokenizer, tiny_corpus

@@ -1,7 +1,10 @@
-"""DDLM benchmark: sampling throughput, and what each early-exit criterion saves and costs.
+"""DDLM benchmark: the model's training step, sampling throughput, and what each early-exit criterion saves and costs.
 
 Side by side in one run:
 
+0. one training step (forward + backward) of `DDLMModel` with eager attention, with SDPA (the default), and with
+   SDPA plus activation checkpointing: best CPU time, its ratio to the SDPA step, and the bytes autograd keeps for
+   backward (activations; parameters not counted). `--model-only` prints this section alone;
 1. samples/s of the full Euler solve at 50 and at 200 steps (CDCD samples with 200), and their ratio;
 2. for each halting criterion (entropy, token switches, KL between consecutive predictions) beside the
    full 200-step run: the share of steps saved, the ratio of best wall times (`--repeats` round-robin
@@ -15,6 +18,7 @@ CPU, about a minute), and the halting thresholds are read off a calibration run 
     python benchmarks/bench_ddlm.py
     python benchmarks/bench_ddlm.py --train-seconds 60 --num-samples 64
     python benchmarks/bench_ddlm.py --pipeline ddlm-c4 --judge path/to/causal-lm --length 64
+    python benchmarks/bench_ddlm.py --model-only --model-hidden-size 1024 --model-layers 8   # CDCD's width and depth
 """
 
 import argparse
@@ -39,7 +43,79 @@ def parse_args():
                         help="Timed runs per setting, in round-robin order; the best wall time is reported.")
     parser.add_argument("--calibrate", action="store_true",
                         help="Set the halting thresholds from a calibration run (always done for the tiny model).")
+    parser.add_argument("--model-only", action="store_true", help="Print section 0 (the model's training step) only.")
+    parser.add_argument("--model-hidden-size", type=int, default=256, help="Width of the section-0 model.")
+    parser.add_argument("--model-layers", type=int, default=4, help="Blocks of the section-0 model.")
+    parser.add_argument("--model-batch-size", type=int, default=32)
+    parser.add_argument("--model-seq-len", type=int, default=64, help="Tokens per sequence (DDLM and CDCD: 64).")
     return parser.parse_args()
+
+
+def saved_activation_bytes(model, inputs) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward of `model`, parameters excluded.
+
+    Inside a checkpointed block the checkpoint's own hooks take over, so what it drops is not counted."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
+def model_step(args):
+    """Section 0: a training step of DDLMModel, eager vs SDPA attention, and SDPA with activation checkpointing."""
+    from hf_ext import DDLMConfig, DDLMModel
+
+    B, T, d = args.model_batch_size, args.model_seq_len, 64
+    config = DDLMConfig(
+        vocab_size=32100, embedding_dim=d, hidden_size=args.model_hidden_size, num_hidden_layers=args.model_layers,
+        num_attention_heads=max(args.model_hidden_size // 64, 1), intermediate_size=4 * args.model_hidden_size,
+        max_position_embeddings=T, self_conditioning_rate=0.0,
+    )
+    torch.manual_seed(args.seed)
+    reference = DDLMModel(config)
+    # every draw fixed, so each setting computes the same function on the same inputs
+    ids = torch.randint(config.vocab_size, (B, T))
+    inputs = dict(input_ids=ids, labels=ids, sigma=torch.linspace(1.0, 10.0, B), noise=torch.randn(B, T, d),
+                  conditioning_mask=torch.zeros(B, T, dtype=torch.bool), self_conditioning=torch.zeros(B, T, d))
+    settings = {"eager": ("eager", False), "sdpa": ("sdpa", False), "sdpa + checkpointing": ("sdpa", True)}
+    models = {}
+    for name, (implementation, checkpointing) in settings.items():
+        model = DDLMModel(config).train()
+        model.load_state_dict(reference.state_dict())
+        model.set_attn_implementation(implementation)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models[name] = model
+
+    def step(model):
+        # CPU time of this process: on a shared machine it varies far less than wall time, and with one thread
+        # (OMP_NUM_THREADS=1) it is the wall time of an idle machine; with several threads it is their sum
+        start = time.process_time()
+        model(**inputs).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.process_time() - start
+
+    for model in models.values():
+        step(model)  # warm-up
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(args.repeats):  # round-robin, best time kept (see `best_of`)
+        for name, model in models.items():
+            best[name] = min(best[name], step(model))
+    print(f"\n0. training step of DDLMModel (hidden {config.hidden_size}, {config.num_hidden_layers} blocks, "
+          f"{config.num_attention_heads} heads, batch {B} x {T} tokens, float32)")
+    print(f"{'attention':>20} | {'CPU s':>7} | {'vs sdpa':>7} | {'saved for backward':>18}")
+    for name, model in models.items():
+        mib = saved_activation_bytes(model, inputs) / 2**20
+        print(f"{name:>20} | {best[name]:7.3f} | {best[name] / best['sdpa']:6.2f}x | {mib:14.1f} MiB")
 
 
 def build(args):
@@ -65,7 +141,7 @@ def build(args):
 
 def timed(pipe, args, length, steps, criterion=None):
     start = time.perf_counter()
-    out = pipe(num_samples=args.num_samples, length=length, num_inference_steps=steps, early_exit=criterion,
+    out = pipe(num_samples_per_prompt=args.num_samples, length=length, num_inference_steps=steps, early_exit=criterion,
                generator=torch.Generator().manual_seed(args.seed))
     return out, time.perf_counter() - start
 
@@ -89,6 +165,9 @@ def main():
     args = parse_args()
     if args.repeats < 1:
         raise ValueError(f"`--repeats` must be >= 1, got {args.repeats}.")
+    model_step(args)
+    if args.model_only:
+        return
     torch.manual_seed(args.seed)
     pipe, judge = build(args)
     length = args.length or pipe.model.config.max_position_embeddings

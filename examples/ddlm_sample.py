@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     length = args.length or pipe.model.config.max_position_embeddings
 
     def sample(criterion):
-        return pipe(num_samples=args.num_samples, length=length, num_inference_steps=args.steps, prompt=args.prompt,
+        return pipe(num_samples_per_prompt=args.num_samples, length=length, num_inference_steps=args.steps, prompt=args.prompt,
                     early_exit=criterion, generator=torch.Generator().manual_seed(args.seed))
 
     if not args.compare:

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     if script_args.tiny:
         pipe.set_progress_bar_config(disable=True)
         for criterion in (None, "kl"):
-            out = pipe(num_samples=3, length=script_args.seq_length, num_inference_steps=100, early_exit=criterion,
+            out = pipe(num_samples_per_prompt=3, length=script_args.seq_length, num_inference_steps=100, early_exit=criterion,
                        generator=torch.Generator().manual_seed(0))
             print(f"early_exit={criterion}: steps used {out.steps_used.tolist()}")
             for text in out.texts:

@@ -160,14 +160,14 @@ def main(argv=None):
     for alpha in args.alphas:
         model = interpolate_models(base, tuned, alpha)
         texts = generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, args.tiny)
-        labels = [r["label"] for r in classifier([p + " " + t for p, t in zip(prompts, texts)], truncation=True)]
+        labels = [r["label"] for r in classifier([p + " " + t for p, t in zip(prompts, texts, strict=True)], truncation=True)]
         rate = sum(label == args.positive_label for label in labels) / len(labels)
         rows.append({"alpha": alpha, "positive_rate": rate, "perplexity": perplexity(model, tokenizer, held_out, args.tiny),
                      "sample": prompts[0] + " " + texts[0]})
         print(f"alpha {alpha:+.2f}: positive rate {rate:.3f}, perplexity {rows[-1]['perplexity']:.2f} | {rows[-1]['sample']!r}")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 
-    if args.save_dir:  # the same models as checkpoints, streamed: each input tensor read once for all alphas
+    if args.save_dir:  # the same models as checkpoints, streamed shard by shard, every alpha in one run
         if args.tiny:
             base.save_pretrained(out / "base")
             tuned.save_pretrained(out / "tuned")

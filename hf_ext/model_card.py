@@ -1,30 +1,41 @@
 """Model cards for everything hf_ext saves or pushes.
 
-Each method has a template in ``hf_ext/model_cards/<method>.md``: a YAML header with the method's
-static metadata (``library_name``, ``arxiv``, ``pipeline_tag``, ``license``, ``tags``) and a
-Jinja body. :func:`render_model_card` merges that header with what the caller knows (base model,
-extra fields) into ``huggingface_hub.ModelCardData`` and renders the card.
+Each method has a template in the repository's top-level ``model_cards/<method>.md`` (shipped in the
+wheel as ``hf_ext/model_cards/``): a YAML header with the method's static metadata (``library_name``,
+``arxiv``, ``pipeline_tag``, ``license``, ``tags``) and a Jinja body. :func:`render_model_card` merges
+that header with what the caller knows (base model, extra fields) into ``huggingface_hub.ModelCardData``
+and renders the card.
 """
 
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from hf_ext.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python >= 3.11; importlib.abc's before
+
 _HEADER_FIELDS = {"library_name", "arxiv", "pipeline_tag", "license", "tags", "paper"}
+
+
+def _templates() -> "Traversable":
+    """The installed package's ``hf_ext/model_cards/`` (pyproject.toml maps ``model_cards/`` there), else a checkout's."""
+    shipped = resources.files("hf_ext") / "model_cards"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[1] / "model_cards"
 
 
 def available_templates() -> list[str]:
     """Names of the methods that have a model card template."""
-    root = resources.files("hf_ext.model_cards")
-    return sorted(p.name[:-3] for p in root.iterdir() if p.name.endswith(".md"))
+    return sorted(p.name[:-3] for p in _templates().iterdir() if p.name.endswith(".md"))
 
 
 def _read_template(method: str) -> tuple[dict, str]:
-    path = resources.files("hf_ext.model_cards") / f"{method}.md"
+    path = _templates() / f"{method}.md"
     if not path.is_file():
         raise ValueError(f"No model card template for `method`={method!r}; available: {available_templates()}.")
     text = path.read_text(encoding="utf-8")
@@ -82,10 +93,8 @@ def save_model_card(folder: str | os.PathLike, method: str, **kwargs) -> Path:
     card = render_model_card(method, **kwargs)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".README.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(str(card))
-    os.replace(tmp, folder / "README.md")
+    with atomic_file(folder / "README.md") as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
     return folder / "README.md"
 
 

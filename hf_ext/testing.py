@@ -160,6 +160,17 @@ def tiny_roberta(seed: int = 0, tokenizer=None, num_labels: int = 2, **overrides
     return RobertaForSequenceClassification(config).eval()
 
 
+def tiny_t5(seed: int = 0, tokenizer=None, **overrides):
+    """A random T5 encoder-decoder (2 + 2 layers, d_model 32, 4 heads) for sequence-to-sequence tests."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = tokenizer or get_tiny_tokenizer()
+    sizes = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=tokenizer.pad_token_id)
+    config = _tiny_config(T5Config, sizes, tokenizer, overrides)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config).eval()
+
+
 def tiny_albert_config(tokenizer=None, **overrides):
     """A tiny ALBERT config (embedding 16, hidden 32, 4 heads, 4 shared-layer steps)."""
     from transformers import AlbertConfig
@@ -282,4 +293,5 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
     "tiny_roberta",
+    "tiny_t5",
 ]

@@ -35,3 +35,18 @@ def test_require_attr_names_the_function_when_a_name_is_gone():
     assert require_attr(Owner, "_kept", "hf_ext._compat.example") == 1
     with pytest.raises(PrivateAPIChanged, match=r"hf_ext\._compat\.example: .*Owner\._gone no longer exists"):
         require_attr(Owner, "_gone", "hf_ext._compat.example")
+
+
+def test_a_vanished_private_name_fails_the_check_naming_the_function(monkeypatch):
+    # As an upgrade of transformers that dropped the property would: the check and the call both name the touch.
+    from transformers import PreTrainedConfig
+
+    from hf_ext._compat.transformers import attention_implementation
+
+    config = PreTrainedConfig(attn_implementation="sdpa")
+    monkeypatch.delattr(PreTrainedConfig, "_attn_implementation")
+    failures = check_private_touches()
+    assert len(failures) == 1
+    assert failures[0].startswith("hf_ext._compat.transformers.attention_implementation (PreTrainedConfig._attn_implementation): ")
+    with pytest.raises(PrivateAPIChanged, match=r"^hf_ext\._compat\.transformers\.attention_implementation: .*transformers 5\.25\.0"):
+        attention_implementation(config)

@@ -17,6 +17,7 @@ from hf_ext.testing import (
     tiny_gpt2,
     tiny_llama,
     tiny_roberta,
+    tiny_t5,
 )
 
 
@@ -51,7 +52,7 @@ def test_tokenizer_left_padding():
     assert batch["attention_mask"][1].tolist() == [0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert])
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert, tiny_t5])
 def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer):
     model = builder()
     assert model.config.vocab_size == len(tiny_tokenizer)
@@ -65,7 +66,7 @@ def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer)
 
 @pytest.mark.parametrize(
     ("builder", "field"), [(tiny_gpt2, "n_layer"), (tiny_llama, "num_hidden_layers"), (tiny_roberta, "num_hidden_layers"),
-                           (tiny_albert, "num_hidden_layers")]
+                           (tiny_albert, "num_hidden_layers"), (tiny_t5, "num_layers")]
 )
 def test_tiny_models_take_overrides_of_their_sizes(builder, field):
     assert getattr(builder(**{field: 3}).config, field) == 3

@@ -91,7 +91,7 @@ def calibrate_thresholds(pipe, num_samples: int, num_inference_steps: int, seed:
         history.append(kwargs["logits"].clone())
         return {}
 
-    pipe(num_samples=num_samples, length=pipe.model.config.max_position_embeddings, num_inference_steps=num_inference_steps,
+    pipe(num_samples_per_prompt=num_samples, length=pipe.model.config.max_position_embeddings, num_inference_steps=num_inference_steps,
          generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, callback_on_step_end_tensor_inputs=["logits"])
     everywhere = torch.ones(history[0].shape[:2], dtype=torch.bool)
     first = int(num_inference_steps * (1 - tail))
@@ -111,7 +111,7 @@ def compare_early_exit(pipe, ar_model, num_samples: int, num_inference_steps: in
     rows, full = [], None
     for criterion in (None, *criteria):
         start = time.perf_counter()
-        out = pipe(num_samples=num_samples, length=pipe.model.config.max_position_embeddings,
+        out = pipe(num_samples_per_prompt=num_samples, length=pipe.model.config.max_position_embeddings,
                    num_inference_steps=num_inference_steps, early_exit=criterion,
                    generator=torch.Generator().manual_seed(seed))
         seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ next-adjective probability and the perplexity on held-out balanced text.
 
 import copy
 import tempfile
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def run(ctx: DemoContext) -> SectionResult:
 
     by_alpha = {r["alpha"]: r for r in rows}
     share = [r["positive_share"] for r in rows]
-    monotone = all(b >= a - 1e-3 for a, b in zip(share, share[1:]))
+    monotone = all(b >= a - 1e-3 for a, b in pairwise(share))
     worst_mid = max(by_alpha[a]["ppl_balanced"] for a in (0.25, 0.5, 0.75))
     endpoints = max(by_alpha[0.0]["ppl_balanced"], by_alpha[1.0]["ppl_balanced"])
 

@@ -314,7 +314,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
         if self.use_prefix_cache:
             prefix_ids = [self._prefix_sequence(p) for p in prefixes]
             self._decoder.sync(batch_size, rows, prefix_ids)
-        for i, (row, prefix, cands) in enumerate(zip(rows, prefixes, candidates)):
+        for i, (row, prefix, cands) in enumerate(zip(rows, prefixes, candidates, strict=True)):
             row_sequences = self._candidate_sequences(prefix, cands)
             if self.is_causal_classifier:  # read where the classifier's own head reads (see cut_after_last_non_pad)
                 row_sequences = [cut_after_last_non_pad(s, self._classifier_pad_token_id) for s in row_sequences]
@@ -358,7 +358,7 @@ class CAIFLogitsProcessor(LogitsProcessor):
         # 2. The top_k candidates of the active rows; tokens the LM already removed are not scored.
         values, indices = log_probs[rows].topk(min(self.top_k, V), dim=-1)  # (A, k)
         finite = values.isfinite()
-        candidates = [idx[ok].tolist() for idx, ok in zip(indices, finite)]
+        candidates = [idx[ok].tolist() for idx, ok in zip(indices, finite, strict=True)]
         pad_id = self.lm_tokenizer.pad_token_id
         prefixes = [_strip_left_padding(input_ids[r].tolist(), pad_id) for r in rows]
         # 3. Classifier log-probabilities of every (row, candidate).
@@ -407,13 +407,13 @@ def caif_reference_scores(
     out = scores.clone()
     for b in range(scores.shape[0]):
         log_probs = torch.log_softmax(scores[b].double(), dim=-1)
-        entropy = -sum(p * lp for p, lp in zip(log_probs.exp().tolist(), log_probs.tolist()) if p > 0)
+        entropy = -sum(p * lp for p, lp in zip(log_probs.exp().tolist(), log_probs.tolist(), strict=True) if p > 0)
         if entropy_threshold is not None and entropy < entropy_threshold:
             continue
         prefix = _strip_left_padding(input_ids[b].tolist(), lm_tokenizer.pad_token_id)
         new_row = torch.full_like(log_probs, float("-inf"))
         values, tokens = log_probs.topk(min(top_k, scores.shape[-1]))
-        for value, token in zip(values.tolist(), tokens.tolist()):
+        for value, token in zip(values.tolist(), tokens.tolist(), strict=True):
             if value == float("-inf"):
                 continue
             ids = prefix + [token]

@@ -13,6 +13,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from hf_ext._compat.transformers import attention_implementation
+
 
 def cut_after_last_non_pad(ids: list[int], pad_token_id: int | None) -> list[int]:
     """``ids`` up to the token a decoder's classification head reads.
@@ -48,7 +50,7 @@ def is_packable_decoder_classifier(classifier) -> bool:
     config = classifier.config
     return (
         is_decoder_classifier(classifier)
-        and getattr(config, "_attn_implementation", "eager") in ("sdpa", "eager")
+        and attention_implementation(config) in ("sdpa", "eager")
         and "position_ids" in inspect.signature(classifier.base_model.forward).parameters
         and not getattr(config, "alibi", False)
         and _full_attention_only(config)
@@ -72,7 +74,8 @@ def _full_attention_only(config) -> bool:
 
 
 class RowCache:
-    """Keys/values of one row's classifier prefix: ``ids`` and per layer ``(k, v)`` of shape ``[H, len(ids), D]``."""
+    """Keys/values of one row's classifier prefix: ``ids`` and per layer ``(keys, values)`` of shape
+    ``[num_heads, len(ids), head_dim]``."""
 
     def __init__(self):
         self.ids: list[int] = []
@@ -80,16 +83,27 @@ class RowCache:
 
     def crop(self, length: int) -> None:
         self.ids = self.ids[:length]
-        self.layers = [(k[:, :length], v[:, :length]) for k, v in self.layers]
+        self.layers = [(keys[:, :length], values[:, :length]) for keys, values in self.layers]
 
 
-def _left_padded(owner: "RowCache | None", layer: int, j: int, P: int, like) -> torch.Tensor:
-    """A row cache's keys (``j=0``) or values (``j=1``) of ``layer``, left-padded with zeros to ``P`` positions."""
-    if owner is None or not owner.ids:  # no past: all padding (masked out)
-        ref = like[layer][j]
-        return ref.new_zeros(ref.shape[0], P, ref.shape[2])
-    x = owner.layers[layer][j]  # (H, len, D)
-    return nn.functional.pad(x, (0, 0, P - x.shape[1], 0))
+def _left_padded_past(
+    row_cache: "RowCache | None", layer: int, width: int, template: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row cache's keys and values of ``layer``, left-padded with zeros to ``width`` positions
+    ``[num_heads, width, head_dim]``; all zeros (masked out) for a block without a past, shaped like ``template``."""
+    if row_cache is None or not row_cache.ids:
+        template_keys, template_values = template[layer]
+        return tuple(t.new_zeros(t.shape[0], width, t.shape[2]) for t in (template_keys, template_values))
+    keys, values = row_cache.layers[layer]  # (H, len(ids), D)
+    padding = (0, 0, width - keys.shape[1], 0)
+    return nn.functional.pad(keys, padding), nn.functional.pad(values, padding)
+
+
+def _cache_keys_values(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer ``(keys, values)`` ``[batch, num_heads, length, head_dim]`` of a ``DynamicCache``, read through its
+    public iteration (each item starts with a layer's keys and values, as ``DynamicCache(ddp_cache_data)`` takes them
+    back)."""
+    return [(layer[0], layer[1]) for layer in cache]
 
 
 class PrefixCachedDecoder:
@@ -117,85 +131,95 @@ class PrefixCachedDecoder:
         lets each block see only its own past and its own earlier tokens, so a row's candidates share one copy of
         its keys/values instead of one each.
 
-        Returns the class logits at each block's last token ``[N, L]`` and, with ``keep_cache``, each block's new
-        per-layer keys/values ``[H, len(block), D]``.
+        Returns the class logits at each block's last token ``[N, num_labels]`` and, with ``keep_cache``, each
+        block's new per-layer keys/values ``[num_heads, len(block), head_dim]``.
         """
         logits, new_layers = [], []
         for start in range(0, len(blocks), self.max_blocks):
             chunk = range(start, min(start + self.max_blocks, len(blocks)))
             # 1. Pack: one sequence per row cache (blocks of the same owner are consecutive), one per block without.
-            sequences: list[list[int]] = []  # block indices per packed sequence
+            packs: list[list[int]] = []  # block indices per packed sequence
             for n in chunk:
-                if owners[n] is not None and sequences and owners[sequences[-1][0]] is owners[n]:
-                    sequences[-1].append(n)
+                if owners[n] is not None and packs and owners[packs[-1][0]] is owners[n]:
+                    packs[-1].append(n)
                 else:
-                    sequences.append([n])
-            out, P, offsets = self._packed_forward(sequences, blocks, owners, past_lengths, keep_cache)
+                    packs.append([n])
+            out, past_width, block_offsets = self._packed_forward(packs, blocks, owners, past_lengths, keep_cache)
             # 2. The head at each block's last token, and each block's new keys/values.
-            where = torch.tensor(
-                [(r, offsets[n] + len(blocks[n]) - 1) for r, seq in enumerate(sequences) for n in seq],
+            last_token = torch.tensor(
+                [(p, block_offsets[n] + len(blocks[n]) - 1) for p, pack in enumerate(packs) for n in pack],
                 device=self.classifier.device,
-            )
-            hidden = out.last_hidden_state[where[:, 0], where[:, 1]]  # (N, hidden)
+            )  # (blocks in chunk, 2): packed sequence, position
+            hidden = out.last_hidden_state[last_token[:, 0], last_token[:, 1]]  # (blocks in chunk, hidden)
             logits.append(self.classifier.score(hidden).float())
             if keep_cache:
-                for r, seq in enumerate(sequences):
-                    for n in seq:
-                        span = slice(P + offsets[n], P + offsets[n] + len(blocks[n]))
-                        new_layers.append([(layer.keys[r, :, span], layer.values[r, :, span]) for layer in out.cache.layers])
+                layers = _cache_keys_values(out.cache)  # per layer (packs, H, past_width + query_width, D)
+                for p, pack in enumerate(packs):
+                    for n in pack:
+                        span = slice(past_width + block_offsets[n], past_width + block_offsets[n] + len(blocks[n]))
+                        new_layers.append([(keys[p, :, span], values[p, :, span]) for keys, values in layers])
         return torch.cat(logits), new_layers
 
-    def _packed_forward(self, sequences, blocks, owners, past_lengths, keep_cache):
+    def _packed_forward(self, packs, blocks, owners, past_lengths, keep_cache):
         """One forward of the classifier's decoder over packed sequences (see :meth:`logits`).
 
-        Returns the decoder output, the padded past length ``P`` and each block's offset in its sequence.
+        Returns the decoder output, the padded past width (the longest row cache among the packs) and each block's
+        offset in its packed sequence.
         """
         device, dtype = self.classifier.device, self.classifier.dtype
-        R = len(sequences)
-        pasts = [len(owners[seq[0]].ids) if owners[seq[0]] is not None else 0 for seq in sequences]
-        offsets, query_block, query_past, query_pos = {}, [], [], []
-        for r, seq in enumerate(sequences):
-            qb, qp, qpos, q = [], [], [], 0
-            for n in seq:
-                offsets[n] = q
-                L, m = past_lengths[n], len(blocks[n])
-                qb += [n] * m
-                qp += [L] * m
-                qpos += list(range(L, L + m))
-                q += m
-            query_block.append(qb)
-            query_past.append(qp)
-            query_pos.append(qpos)
-        P, Q = max(pasts), max(len(qb) for qb in query_block)
+        pack_pasts = [len(owners[pack[0]].ids) if owners[pack[0]] is not None else 0 for pack in packs]
+        # Per packed sequence and query token: its block, how many past tokens it may see, its position id.
+        block_offsets, query_block, query_visible_past, query_position = {}, [], [], []
+        for pack in packs:
+            pack_block, pack_visible_past, pack_position = [], [], []
+            for n in pack:
+                block_offsets[n] = len(pack_block)
+                past_length, block_length = past_lengths[n], len(blocks[n])
+                pack_block += [n] * block_length
+                pack_visible_past += [past_length] * block_length
+                pack_position += list(range(past_length, past_length + block_length))
+            query_block.append(pack_block)
+            query_visible_past.append(pack_visible_past)
+            query_position.append(pack_position)
+        past_width, query_width = max(pack_pasts), max(len(pack_block) for pack_block in query_block)
 
-        def padded(rows, fill):  # (R, Q), right-padded
-            return torch.tensor([row + [fill] * (Q - len(row)) for row in rows], device=device)
+        def right_padded(rows, fill):  # (packs, query_width)
+            return torch.tensor([row + [fill] * (query_width - len(row)) for row in rows], device=device)
 
-        block_id, past_len, position_ids = padded(query_block, -1), padded(query_past, 0), padded(query_pos, 0)
-        input_ids = padded([[t for n in seq for t in blocks[n]] for seq in sequences], self.pad_token_id)
-        # 4D mask (R, 1, Q, P + Q). Past key j of row r (left-padded by P - pasts[r]) is visible to a query whose block
-        # continues the first L past tokens iff j - (P - pasts[r]) < L; new key k is visible iff same block and k <= q.
-        # A padding query sees only itself, so no row of the mask is empty.
-        past_index = torch.arange(P, device=device) - (P - torch.tensor(pasts, device=device))[:, None]  # (R, P)
-        see_past = (past_index[:, None, :] >= 0) & (past_index[:, None, :] < past_len[:, :, None])  # (R, Q, P)
-        q_index = torch.arange(Q, device=device)
-        causal = q_index[None, :, None] >= q_index[None, None, :]
+        block_id = right_padded(query_block, -1)
+        visible_past = right_padded(query_visible_past, 0)
+        position_ids = right_padded(query_position, 0)
+        input_ids = right_padded([[t for n in pack for t in blocks[n]] for pack in packs], self.pad_token_id)
+        # 4D mask (packs, 1, query_width, past_width + query_width). Past key j of pack p (left-padded by
+        # past_width - pack_pasts[p]) is visible to a query whose block continues the first L past tokens iff
+        # j - (past_width - pack_pasts[p]) < L; new key k is visible iff same block and k <= q. A padding query
+        # sees only itself, so no row of the mask is empty.
+        past_index = torch.arange(past_width, device=device) - (
+            past_width - torch.tensor(pack_pasts, device=device)
+        )[:, None]  # (packs, past_width)
+        see_past = (past_index[:, None, :] >= 0) & (past_index[:, None, :] < visible_past[:, :, None])
+        query_index = torch.arange(query_width, device=device)
+        causal = query_index[None, :, None] >= query_index[None, None, :]
         same_block = block_id[:, :, None] == block_id[:, None, :]
-        see_new = (same_block & causal & (block_id[:, :, None] >= 0)) | torch.eye(Q, dtype=torch.bool, device=device)
-        allowed = torch.cat([see_past, see_new], dim=-1)[:, None]  # (R, 1, Q, P + Q)
+        see_new = (same_block & causal & (block_id[:, :, None] >= 0)) | torch.eye(
+            query_width, dtype=torch.bool, device=device
+        )
+        allowed = torch.cat([see_past, see_new], dim=-1)[:, None]  # (packs, 1, query_width, past_width + query_width)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         cache = None
-        if P > 0:
-            like = next(owners[seq[0]] for seq, L in zip(sequences, pasts) if L > 0).layers
+        if past_width > 0:
+            template = next(owners[pack[0]] for pack, past in zip(packs, pack_pasts, strict=True) if past > 0).layers
             cache = DynamicCache([
-                tuple(torch.stack([_left_padded(owners[seq[0]], layer, j, P, like) for seq in sequences]) for j in (0, 1))
-                for layer in range(len(like))
-            ])  # per layer (R, H, P, D)
+                tuple(torch.stack(tensors) for tensors in zip(*(
+                    _left_padded_past(owners[pack[0]], layer, past_width, template) for pack in packs
+                ), strict=True))
+                for layer in range(len(template))
+            ])  # per layer (keys, values), each (packs, H, past_width, D)
         out = self.classifier.base_model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache,
             use_cache=keep_cache or cache is not None,
         )
-        return out, P, offsets
+        return out, past_width, block_offsets
 
     def sync(self, num_rows: int, rows: list[int], prefixes: list[list[int]]) -> None:
         """Bring the caches of ``rows`` (out of ``num_rows``) to their current prefixes: keep the common part, encode
@@ -203,7 +227,7 @@ class PrefixCachedDecoder:
         if len(self.row_caches) != num_rows:  # another batch shape: a new generation
             self.row_caches = [RowCache() for _ in range(num_rows)]
         blocks, owners, lengths = [], [], []
-        for row, prefix in zip(rows, prefixes):
+        for row, prefix in zip(rows, prefixes, strict=True):
             cache = self.row_caches[row]
             keep = common_prefix_length(cache.ids, prefix)  # < len(cache.ids) after a new generation or a beam reorder
             cache.crop(keep)
@@ -214,10 +238,10 @@ class PrefixCachedDecoder:
         if not blocks:
             return
         _, new_layers = self.logits(blocks, owners, lengths, keep_cache=True)
-        for cache, block, layers in zip(owners, blocks, new_layers):
+        for cache, block, layers in zip(owners, blocks, new_layers, strict=True):
             cache.layers = layers if not cache.layers else [
-                (torch.cat([k, k_new], dim=1), torch.cat([v, v_new], dim=1))
-                for (k, v), (k_new, v_new) in zip(cache.layers, layers)
+                (torch.cat([keys, new_keys], dim=1), torch.cat([values, new_values], dim=1))
+                for (keys, values), (new_keys, new_values) in zip(cache.layers, layers, strict=True)
             ]
             cache.ids = cache.ids + block
 

@@ -2,7 +2,7 @@
 
 - :func:`interpolate_models`: in memory, for two models or a PEFT LoRA model on its base;
 - :func:`interpolate_checkpoints`: streamed from two checkpoint folders or Hub repos into sharded
-  safetensors folders, for one or several alphas in one pass;
+  safetensors folders, shard by shard, for one or several alphas in one run;
 - :func:`lerp` / :func:`interpolate_state_dict`: the maths on tensors and state dicts.
 """
 

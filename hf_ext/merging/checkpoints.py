@@ -1,31 +1,31 @@
-"""Streamed interpolation of two checkpoints, tensor by tensor, into new sharded safetensors folders.
+"""Streamed interpolation of two checkpoints, shard by shard, into new sharded safetensors folders.
 
-Memory stays near one tensor of each model, whatever the checkpoint size:
+Memory stays near one output shard, whatever the checkpoint size:
 
-- inputs are read from memory-mapped safetensors files, each tensor through its own short-lived
-  ``safe_open`` map, so a file's pages leave the process as soon as that tensor is done;
-- outputs are streamed straight into their files in chunks: the output shards are planned from the
-  inputs' headers before anything is read, so each shard's safetensors header (names, dtypes,
-  shapes, offsets) is written first and the tensor bytes are appended as they are computed;
-- with several alphas, each input tensor is read once and every output is written in the same pass.
+- the output shards are planned from the inputs' headers before anything is read
+  (``huggingface_hub.split_state_dict_into_shards_factory``, as ``save_torch_state_dict`` plans them);
+- inputs are read from memory-mapped safetensors files, each tensor through its own short-lived ``safe_open``
+  map, so a file's pages leave the process as soon as that tensor is done;
+- each output shard is computed into memory (in float32 chunks that bound the temporaries) and written with
+  ``safetensors.torch.save_file``; with several alphas, each shard is written for every alpha before the next
+  shard is read, so the inputs read again come from the page cache and one shard is held at a time.
 
-Everything is checked before the first byte is written, and the outputs are written into a
-temporary folder beside ``out_dir`` that is renamed into place only when complete.
+Everything is checked before the first byte is written, and the outputs appear all at once
+(:func:`hf_ext.atomic.atomic_folder`).
 """
 
 import fnmatch
 import json
 import os
 import shutil
-import struct
-import tempfile
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
+from safetensors.torch import save_file
 
+from hf_ext.atomic import atomic_folder, check_output_folder
 from hf_ext.merging.interpolation import check_alpha, check_tensor_specs, lerp
 from hf_ext.model_card import save_model_card
 
@@ -40,11 +40,11 @@ _COPIED_FROM_TUNED = (
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.*", "*.py",
 )
 
-_DTYPE_TO_SAFETENSORS = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+# safetensors header dtypes this module reads (and, for the floating ones, may cast to)
+_SAFETENSORS_TO_DTYPE = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_SAFETENSORS_TO_DTYPE = {v: k for k, v in _DTYPE_TO_SAFETENSORS.items()}
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -163,120 +163,28 @@ def check_same_architecture(base: Checkpoint, tuned: Checkpoint) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ShardPlan:
-    """Output shards planned from tensor specs: file name -> ordered tensor names, and each tensor's output spec."""
-
-    shards: dict[str, list[str]]
-    specs: dict[str, Spec]
-
-    def weight_map(self) -> dict[str, str]:
-        return {name: file for file, names in self.shards.items() for name in names}
-
-    def total_size(self) -> int:
-        return sum(_nbytes(spec) for spec in self.specs.values())
-
-
 def _nbytes(spec: Spec) -> int:
     shape, dtype = spec
     return int(torch.Size(shape).numel()) * dtype.itemsize
 
 
-def plan_shards(specs: dict[str, Spec], shard_size: int) -> ShardPlan:
-    """Fill shards greedily in the given order; a tensor larger than ``shard_size`` gets a shard of its own.
+def plan_shards(specs: dict[str, Spec], shard_size: int | str) -> StateDictSplit:
+    """Plan output shards from tensor specs with ``huggingface_hub``'s splitter, as ``save_torch_state_dict`` does.
 
-    One shard is named ``model.safetensors``; several ``model-00001-of-0000N.safetensors`` (as transformers names them).
+    Shards are filled greedily in the given order; a tensor larger than ``shard_size`` gets a shard of its own.
+    One shard is named ``model.safetensors``; several ``model-00001-of-0000N.safetensors``.
     """
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, spec in specs.items():
-        size = _nbytes(spec)
-        if groups[-1] and used + size > shard_size:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    if len(groups) == 1:
-        return ShardPlan({SAFE_WEIGHTS_NAME: groups[0]}, dict(specs))
-    n = len(groups)
-    return ShardPlan({f"model-{i:05d}-of-{n:05d}.safetensors": g for i, g in enumerate(groups, 1)}, dict(specs))
+    return split_state_dict_into_shards_factory(
+        specs, get_storage_size=_nbytes, filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=shard_size,
+    )
 
 
-def _safetensors_header(names: list[str], specs: dict[str, Spec]) -> bytes:
-    """The 8-byte little-endian length and JSON header of a safetensors file holding ``names`` in order."""
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        shape, dtype = specs[name]
-        size = _nbytes(specs[name])
-        header[name] = {"dtype": _DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(raw)) + raw
-
-
-class StreamingShardWriter:
-    """Writes the tensors of a :class:`ShardPlan` into ``folder``, in the plan's order, each in one or more chunks.
-
-    A shard's header is written when its first tensor starts and the file is closed after its
-    last; an index is written at the end when there are several shards. Use
-    ``start_tensor(name)``, ``write_chunk(chunk)`` (the tensor's elements in C order, in pieces),
-    ``end_tensor()``, or :meth:`write` for a whole tensor.
-    """
-
-    def __init__(self, folder: Path, plan: ShardPlan):
-        self.folder = folder
-        self.plan = plan
-        self._order = iter([(file, name) for file, names in plan.shards.items() for name in names])
-        self._file = None
-        self._left_in_shard = 0
-        self._tensor: str | None = None
-        self._bytes_left = 0
-
-    def start_tensor(self, name: str) -> None:
-        file, expected = next(self._order, (None, None))
-        if name != expected or self._tensor is not None:
-            raise RuntimeError(f"Out-of-plan tensor {name!r} (expected {expected!r}).")
-        if self._file is None:
-            self._file = open(self.folder / file, "wb")  # noqa: SIM115 (closed after the shard's last tensor)
-            self._file.write(_safetensors_header(self.plan.shards[file], self.plan.specs))
-            self._left_in_shard = len(self.plan.shards[file])
-        self._tensor, self._bytes_left = name, _nbytes(self.plan.specs[name])
-
-    def write_chunk(self, chunk: torch.Tensor) -> None:
-        if chunk.dtype != self.plan.specs[self._tensor][1]:
-            raise RuntimeError(f"Chunk of {self._tensor!r} has dtype {chunk.dtype}, planned {self.plan.specs[self._tensor][1]}.")
-        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # raw little-endian bytes, C order
-        self._bytes_left -= data.numel()
-        self._file.write(data.numpy().data)
-
-    def end_tensor(self) -> None:
-        if self._bytes_left != 0:
-            planned = _nbytes(self.plan.specs[self._tensor])
-            raise RuntimeError(f"Tensor {self._tensor!r} got {planned - self._bytes_left} bytes, planned {planned}.")
-        self._tensor = None
-        self._left_in_shard -= 1
-        if self._left_in_shard == 0:
-            self._file.close()
-            self._file = None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.start_tensor(name)
-        self.write_chunk(tensor)
-        self.end_tensor()
-
-    def finish(self) -> None:
-        if next(self._order, None) is not None or self._file is not None:
-            raise RuntimeError("The shard writer was finished before all planned tensors were written.")
-        if len(self.plan.shards) > 1:
-            index = {"metadata": {"total_size": self.plan.total_size()}, "weight_map": self.plan.weight_map()}
-            (self.folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+def _write_index(folder: Path, plan: StateDictSplit) -> None:
+    """``model.safetensors.index.json`` when there are several shards, in the layout transformers reads."""
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_tuned_files(tuned: Path, folder: Path, dtype: torch.dtype | None) -> None:
@@ -312,14 +220,13 @@ def alpha_folder_name(alpha: float) -> str:
     return f"alpha_{alpha:g}"
 
 
-def _parse_shard_size(shard_size: int | str) -> int:
+def _check_shard_size(shard_size: int | str) -> int | str:
     if isinstance(shard_size, str):
-        from huggingface_hub.serialization._base import parse_size_to_int
-
         try:
-            shard_size = parse_size_to_int(shard_size)
+            plan_shards({}, shard_size)  # parses the size as huggingface_hub does, before any work
         except ValueError as err:
-            raise ValueError(f"`shard_size` must be bytes or a size like '5GB', got {shard_size!r}.") from err
+            raise ValueError(f"`shard_size` must be bytes or a size like '5GB', got {shard_size!r} ({err}).") from err
+        return shard_size
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
         raise ValueError(f"`shard_size` must be a positive number of bytes or a size like '5GB', got {shard_size!r}.")
     return shard_size
@@ -330,32 +237,18 @@ def _parse_dtype(dtype) -> torch.dtype | None:
         return None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in _DTYPE_TO_SAFETENSORS:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype not in _SAFETENSORS_TO_DTYPE.values():
         raise ValueError(f"`dtype` must be None or one of float32, float16, bfloat16, float64, got {dtype!r}.")
     return dtype
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"`out_dir`={str(out_dir)!r} exists and is not a folder.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"`out_dir`={str(out_dir)!r} is not empty; pass overwrite=True to replace it.")
+    check_output_folder(out_dir, overwrite=overwrite)
     resolved = out_dir.resolve()
     for folder in inputs:
         folder = folder.resolve()
         if resolved == folder or resolved.is_relative_to(folder) or folder.is_relative_to(resolved):
             raise ValueError(f"`out_dir`={str(out_dir)!r} overlaps the input folder {str(folder)!r}.")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``, replacing what was there (empty, or overwrite=True)."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +268,7 @@ def interpolate_checkpoints(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> Path | list[Path]:
-    """Write theta = theta_base + alpha * (theta_tuned - theta_base) for two checkpoints, streamed tensor by tensor.
+    """Write theta = theta_base + alpha * (theta_tuned - theta_base) for two checkpoints, streamed shard by shard.
 
     Paper: https://arxiv.org/abs/2211.12092. Floating tensors are interpolated in float32 and cast
     back (``alpha = 0`` and ``alpha = 1`` reproduce the inputs bit for bit); integer and boolean
@@ -385,23 +278,25 @@ def interpolate_checkpoints(
 
     Each output folder gets sharded safetensors (with ``model.safetensors.index.json`` when there
     are several shards), ``tuned``'s config, generation config, tokenizer files and remote code, and
-    a model card recording base, tuned and alpha.
+    a model card recording base, tuned and alpha. Memory stays near one output shard (plus the
+    current tensor's inputs), for any number of alphas.
 
     Args:
         base: the pre-trained model: a local folder or a Hub repo id (fetched with
             ``huggingface_hub.snapshot_download``; ``.bin`` weights load with ``weights_only=True``).
         tuned: the fine-tuned model, same architecture and tensors as ``base``.
-        alpha: one coefficient, or a sequence of them; each input tensor is then read once and
-            every output written in the same pass.
+        alpha: one coefficient, or a sequence of them, all written in one run: each output shard is
+            written for every alpha before the next is read, so its inputs are read again from the
+            page cache rather than from disk.
         out_dir: the output model folder for one alpha; for a sequence, the folder that gets one
             sub-folder per alpha (``alpha_0.5``, ``alpha_-1``, see :func:`alpha_folder_name`).
-        shard_size: the largest output shard, in bytes or as a string like ``"5GB"``; a tensor
-            larger than that gets a shard of its own.
+        shard_size: the largest output shard, in bytes or as a string like ``"5GB"`` (parsed as
+            ``huggingface_hub`` parses ``max_shard_size``); a tensor larger than that gets a shard of its own.
         dtype: cast floating tensors to this dtype on output (and record it in config.json);
             None keeps each tensor's dtype.
         overwrite: replace a non-empty ``out_dir`` (it is only replaced once the new one is complete).
         cache_dir: the Hub cache for repo ids (default: huggingface_hub's).
-        progress: show a tqdm progress bar over the bytes read.
+        progress: show a tqdm progress bar over the bytes written.
 
     Returns:
         The output folder, or the list of per-alpha folders when ``alpha`` is a sequence.
@@ -423,7 +318,7 @@ def interpolate_checkpoints(
     """
     # 1. Arguments, inputs and every check, before anything is written.
     alphas, several = _parse_alphas(alpha)
-    shard_size = _parse_shard_size(shard_size)
+    shard_size = _check_shard_size(shard_size)
     dtype = _parse_dtype(dtype)
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, overwrite, [])  # fail fast, before any download
@@ -441,71 +336,65 @@ def interpolate_checkpoints(
     }
     plan = plan_shards(out_specs, shard_size)
 
-    # 3. Stream into a temporary folder beside out_dir; rename it into place when complete.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    folders = [tmp / alpha_folder_name(a) for a in alphas] if several else [tmp]
-    writers = []
-    try:
+    # 3. Write into a temporary folder beside out_dir, renamed into place when complete.
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        folders = [tmp / alpha_folder_name(a) for a in alphas] if several else [tmp]
         for folder in folders:
             folder.mkdir(exist_ok=True)
-            writers.append(StreamingShardWriter(folder, plan))
-        _stream(base_ckpt, tuned_ckpt, alphas, writers, out_specs, progress)
-        for folder, a in zip(folders, alphas):
+        _write_shards(base_ckpt, tuned_ckpt, alphas, folders, plan, out_specs, progress)
+        for folder, a in zip(folders, alphas, strict=True):
+            _write_index(folder, plan)
             _copy_tuned_files(tuned_folder, folder, dtype)
             save_model_card(folder, "interpolation", base_model=str(base), tuned_model=str(tuned), alpha=a)
-        _move_into_place(tmp, out_dir)
-    except BaseException:  # interrupted or failed: leave nothing half-written behind
-        for writer in writers:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if several:
         return [out_dir / alpha_folder_name(a) for a in alphas]
     return out_dir
 
 
-def _stream(
+def _interpolate_tensor(base: Checkpoint, tuned: Checkpoint, name: str, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """theta(alpha) for tensor ``name``, in ``out_dtype``, computed in chunks of ``_CHUNK_ELEMENTS``.
+
+    :func:`lerp` writes straight into the preallocated output (no temporary when the dtype is kept: without
+    ``out=``, the temporaries fragment the heap and a 495 MB shard peaked about 380 MB higher, see
+    BENCHMARKS.md); chunks bound the float32 temporaries of a dtype cast (a few times ``_CHUNK_ELEMENTS`` * 4
+    bytes) whatever the tensor size. Integer and boolean tensors come from ``tuned``.
+    """
+    theta_tuned = tuned.get(name)
+    if not theta_tuned.is_floating_point():
+        return theta_tuned.clone()  # out of the map, so that the shard owns its tensors
+    theta_base = base.get(name).reshape(-1)  # (N,) view of the map
+    out = torch.empty(theta_tuned.shape, dtype=out_dtype)
+    flat_out, flat_tuned = out.view(-1), theta_tuned.reshape(-1)
+    for i in range(0, flat_tuned.numel(), _CHUNK_ELEMENTS):
+        chunk = slice(i, i + _CHUNK_ELEMENTS)
+        lerp(theta_base[chunk], flat_tuned[chunk], alpha, dtype=out_dtype, out=flat_out[chunk])
+    return out
+
+
+def _write_shards(
     base: Checkpoint,
     tuned: Checkpoint,
     alphas: list[float],
-    writers: list[StreamingShardWriter],
+    folders: list[Path],
+    plan: StateDictSplit,
     out_specs: dict[str, Spec],
     progress: bool,
 ) -> None:
-    """Read each tensor pair once, in base's order, and write it interpolated for every alpha, chunk by chunk.
-
-    Chunks bound the float32 temporaries of :func:`lerp` (a few times ``_CHUNK_ELEMENTS`` * 4 bytes)
-    whatever the tensor size.
-    """
+    """Compute each planned shard for every alpha in turn and write it with ``save_file``; one shard is held at a time."""
     from tqdm.auto import tqdm
 
-    total = 2 * sum(_nbytes(spec) for spec in base.specs().values())
+    total = plan.metadata["total_size"] * len(alphas)
     with tqdm(total=total, unit="B", unit_scale=True, desc="interpolating", disable=not progress) as bar:
-        for name, (_, spec) in base.tensors.items():
-            theta_base, theta_tuned = base.get(name).reshape(-1), tuned.get(name).reshape(-1)  # (N,) views of the maps
-            out_dtype = out_specs[name][1]
-            for writer in writers:
-                writer.start_tensor(name)
-            for i in range(0, theta_tuned.numel(), _CHUNK_ELEMENTS):
-                chunk_base, chunk_tuned = theta_base[i : i + _CHUNK_ELEMENTS], theta_tuned[i : i + _CHUNK_ELEMENTS]
-                for alpha, writer in zip(alphas, writers):
-                    if chunk_tuned.is_floating_point():
-                        writer.write_chunk(lerp(chunk_base, chunk_tuned, alpha, dtype=out_dtype))
-                    else:  # integer and boolean tensors come from tuned
-                        writer.write_chunk(chunk_tuned)
-            for writer in writers:
-                writer.end_tensor()
-            bar.update(2 * _nbytes(spec))
-            del theta_base, theta_tuned  # unmaps their pages
-    for writer in writers:
-        writer.finish()
+        for file, names in plan.filename_to_tensors.items():
+            for alpha, folder in zip(alphas, folders, strict=True):
+                shard = {name: _interpolate_tensor(base, tuned, name, alpha, out_specs[name][1]) for name in names}
+                save_file(shard, folder / file, metadata={"format": "pt"})
+                bar.update(sum(_nbytes(out_specs[name]) for name in names))
+                del shard
 
 
 __all__ = [
     "Checkpoint",
-    "ShardPlan",
-    "StreamingShardWriter",
     "alpha_folder_name",
     "check_same_architecture",
     "interpolate_checkpoints",

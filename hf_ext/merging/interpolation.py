@@ -10,8 +10,8 @@ tensor by tensor: alpha = 0 is the base model, alpha = 1 the tuned one, alpha in
 them and alpha outside [0, 1] extrapolates (a negative alpha moves against what fine-tuning taught).
 
 The maths is :func:`lerp` on one tensor; :func:`interpolate_state_dict` applies it to matching
-tensors; :func:`interpolate_models` does it for two models, or for a PEFT LoRA model through PEFT's
-own per-adapter ``scaling``.
+tensors; :func:`interpolate_models` does it for two models, or for a PEFT LoRA model by scaling
+each adapter's B factor (theta_tuned - theta_base = dW = scaling * B @ A is linear in B).
 """
 
 import copy
@@ -24,7 +24,14 @@ from torch import nn
 _MAX_LISTED = 5  # offenders quoted in an error message
 
 
-def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+def lerp(
+    base: torch.Tensor,
+    tuned: torch.Tensor,
+    alpha: float,
+    dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``base + alpha * (tuned - base)`` for one tensor, computed in float32 and cast back.
 
     The result is on ``tuned``'s device, in ``dtype`` (default: ``tuned``'s dtype). ``torch.lerp``
@@ -40,9 +47,12 @@ def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dty
         tuned: theta_tuned, same shape and dtype as ``base``.
         alpha: the interpolation coefficient (any finite number; outside [0, 1] extrapolates).
         dtype: the result's dtype, if not ``tuned``'s (cast once, from the float32 result).
+        out: a tensor of the result's shape, dtype and device to write into, as ``torch.lerp``'s
+            ``out``; when ``dtype`` is ``tuned``'s, no temporary is made (what streaming a large
+            checkpoint into preallocated shards needs to keep its peak memory, see BENCHMARKS.md).
 
     Returns:
-        A new tensor theta(alpha).
+        theta(alpha): a new tensor, or ``out``.
 
     Examples:
         >>> lerp(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 4.0]), 0.5)
@@ -52,9 +62,10 @@ def lerp(base: torch.Tensor, tuned: torch.Tensor, alpha: float, dtype: torch.dty
     """
     base = base.to(tuned.device)
     if dtype is None or dtype == tuned.dtype:
-        return torch.lerp(base, tuned, float(alpha))
+        return torch.lerp(base, tuned, float(alpha), out=out)
     compute_dtype = torch.promote_types(tuned.dtype, torch.float32)  # fp64 stays fp64
-    return torch.lerp(base.to(compute_dtype), tuned.to(compute_dtype), float(alpha)).to(dtype)
+    theta = torch.lerp(base.to(compute_dtype), tuned.to(compute_dtype), float(alpha))
+    return theta.to(dtype) if out is None else out.copy_(theta)
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:
@@ -166,14 +177,23 @@ def _peft_base_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _lora_factors(module: nn.Module, adapter: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters of ``adapter``'s A and B factors in a LoRA layer (B's bias included, if any)."""
+    if adapter in module.lora_B:
+        return list(module.lora_A[adapter].parameters()), list(module.lora_B[adapter].parameters())
+    return [module.lora_embedding_A[adapter]], [module.lora_embedding_B[adapter]]  # LoRA on an nn.Embedding
+
+
 def _interpolate_peft(base: nn.Module, tuned: nn.Module, alpha: float, inplace: bool) -> nn.Module:
-    """theta(alpha) = W0 + alpha * sum_i dW_i for the active LoRA adapters i, through PEFT's scaling.
+    """theta(alpha) = W0 + alpha * sum_i dW_i for the active LoRA adapters i, by scaling each B factor by alpha.
 
     A LoRA layer computes ``base_layer(x) + lora_B(lora_A(x)) * scaling[adapter]`` for each active
-    adapter (``lora_B``'s bias, if any, is scaled too), so multiplying every active adapter's
-    ``scaling`` by alpha scales its dW exactly, and several active adapters are scaled each on its
-    own dW (never by mixing A and B factors). A module fully trained beside the adapter
-    (``modules_to_save``) is interpolated densely between its original and trained copies.
+    adapter, so multiplying ``lora_B``'s weight (and bias, if any) by alpha scales its dW exactly,
+    and several active adapters are scaled each on its own dW (never by mixing A and B factors). The
+    result is an ordinary adapter, so ``save_pretrained`` writes what the model computes. Factors tied
+    between layers (``ensure_weight_tying``: the output layer's B is the embedding's A) are scaled once.
+    A module fully trained beside the adapter (``modules_to_save``) is interpolated densely between its
+    original and trained copies.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -188,30 +208,39 @@ def _interpolate_peft(base: nn.Module, tuned: nn.Module, alpha: float, inplace: 
                 "`base` is not the model the PEFT adapter in `tuned` sits on: "
                 f"{len(differing)} base weight(s) differ or are missing, e.g. {differing[:_MAX_LISTED]}."
             )
-    out = tuned if inplace else copy.deepcopy(tuned)
+    try:
+        out = tuned if inplace else copy.deepcopy(tuned)
+    except RuntimeError as err:  # e.g. factors tied by ensure_weight_tying are views, which deepcopy refuses
+        raise RuntimeError(f"`tuned` cannot be copied ({err}); pass inplace=True to interpolate it in place.") from err
+    scaled = set()  # data pointers of factors already multiplied by alpha: a layer tied to one is scaled through it
     lora_layers = 0
-    for name, module in out.named_modules():
-        if isinstance(module, LoraLayer):
-            variants = [a for a in module.active_adapters if a in module.lora_variant]
-            if variants:
-                raise ValueError(
-                    f"LoRA variant adapters {variants} at {name!r} (e.g. DoRA) are not linear in their scaling; "
-                    "merge them first (`merge_and_unload()`) and interpolate the dense models."
-                )
-            for adapter in module.active_adapters:
-                if adapter in module.scaling:
-                    module.scaling[adapter] = module.scaling[adapter] * alpha
+    with torch.no_grad():
+        for name, module in out.named_modules():
+            if isinstance(module, LoraLayer):
+                variants = [a for a in module.active_adapters if a in module.lora_variant]
+                if variants:
+                    raise ValueError(
+                        f"LoRA variant adapters {variants} at {name!r} (e.g. DoRA) are not linear in their scaling; "
+                        "merge them first (`merge_and_unload()`) and interpolate the dense models."
+                    )
+                for adapter in [a for a in module.active_adapters if a in module.scaling]:
+                    factor_a, factor_b = _lora_factors(module, adapter)
                     lora_layers += 1
-        elif isinstance(module, ModulesToSaveWrapper):
-            for adapter in module.active_adapters:
-                if adapter in module.modules_to_save:
-                    trained = module.modules_to_save[adapter]
-                    with torch.no_grad():
-                        for (_, p0), (_, p1) in zip(module.original_module.named_parameters(), trained.named_parameters()):
+                    if any(p.data_ptr() in scaled for p in factor_a + factor_b):
+                        continue
+                    for param in factor_b:
+                        param.mul_(alpha)
+                        scaled.add(param.data_ptr())
+            elif isinstance(module, ModulesToSaveWrapper):
+                for adapter in module.active_adapters:
+                    if adapter in module.modules_to_save:
+                        trained = module.modules_to_save[adapter]
+                        pairs = zip(module.original_module.named_parameters(), trained.named_parameters(), strict=True)
+                        for (_, p0), (_, p1) in pairs:
                             if p1.is_floating_point():
                                 p1.copy_(lerp(p0, p1, alpha))
-        elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
-            raise TypeError(f"Only LoRA adapters can be interpolated; {name!r} is a {type(module).__name__}.")
+            elif isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                raise TypeError(f"Only LoRA adapters can be interpolated; {name!r} is a {type(module).__name__}.")
     if lora_layers == 0:
         raise ValueError("`tuned` is a PEFT model without active LoRA layers; nothing to interpolate.")
     return out
@@ -230,13 +259,13 @@ def interpolate_models(base: nn.Module, tuned: nn.Module, alpha: float, *, inpla
         dropped head) is left out. Tied parameters are interpolated once.
 
     A PEFT model with LoRA adapters as ``tuned``, on ``base``:
-        each active adapter's ``scaling`` is multiplied by ``alpha`` (what
-        ``peft.helpers.rescale_adapter_scale`` does for the duration of a ``with`` block), so the
-        model computes W0 + alpha * dW exactly, and with several active adapters
+        each active adapter's B factor (``lora_B``, with its bias) is multiplied by ``alpha``, so the
+        model computes W0 + alpha * dW, and with several active adapters
         W0 + alpha * (dW_1 + dW_2 + ...), each dW = scaling * B @ A left whole (no mixing of A and B
-        factors, which adds cross terms). ``modules_to_save`` are interpolated densely. The scaling
-        is not part of the saved adapter config: call ``merge_and_unload()`` on the result to save
-        a dense model. LoRA variants that are not linear in their scaling (DoRA) raise ValueError.
+        factors, which adds cross terms). ``modules_to_save`` are interpolated densely. The result is
+        an ordinary LoRA model: ``save_pretrained`` writes an adapter that reloads to the same outputs
+        (``PeftModel.from_pretrained``), and ``merge_and_unload()`` gives the dense model. LoRA
+        variants that are not linear in their scaling (DoRA) raise ValueError.
 
     Args:
         base: the pre-trained model (theta at alpha = 0).

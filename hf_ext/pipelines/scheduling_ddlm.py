@@ -78,6 +78,9 @@ def _kl(logits: torch.Tensor, previous_logits: torch.Tensor) -> torch.Tensor:
 class DDLMScheduler(SchedulerMixin, ConfigMixin):
     """Euler sampler for CDCD/DDLM's probability-flow ODE, with DDLM's early-exit checks.
 
+    Time is continuous: the model trains at noise levels drawn from its time warp, so unlike diffusers'
+    discrete-time schedulers there is no `num_train_timesteps`, no `__len__` and no beta schedule.
+
     Args:
         sigma_min (`float`, defaults to 1.0):
             Lowest noise level, where sampling ends. DDLM's range [1, 10] is a third-party report,
@@ -138,6 +141,7 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = None
         self.timesteps = None
         self._step_index = None
+        self._begin_index = None
 
     @property
     def init_noise_sigma(self) -> float:
@@ -148,6 +152,24 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
     def step_index(self) -> int | None:
         """Index of the next step (None before the first `step` after `set_timesteps`)."""
         return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first step, set by a pipeline with `set_begin_index`; None: the first `step` finds it from
+        its `timestep`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start the next run of `step` calls at step `begin_index` (diffusers' convention; `set_timesteps` clears it)."""
+        if not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"`begin_index` must be an integer >= 0, got {begin_index!r}.")
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Returns `sample` unchanged: [`DDLMModel`] scales its input by c_in(sigma) = 1 / sqrt(sigma^2 + 1) itself
+        (EDM preconditioning inside `denoise`), so unlike `EulerDiscreteScheduler` nothing is scaled here. Kept for
+        interchangeability with diffusers' schedulers."""
+        return sample
 
     def set_timesteps(
         self,
@@ -176,6 +198,7 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self.sigmas[:-1]
         self.num_inference_steps = num_inference_steps
         self._step_index = None
+        self._begin_index = None
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: float | torch.Tensor
@@ -196,7 +219,8 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output: `(B, T, d)` x0_hat, the score-interpolation estimate of the clean embeddings.
-            timestep: the current sigma (an entry of `timesteps`); it places the first step, later steps follow in order.
+            timestep: the current sigma (an entry of `timesteps`); it places the first step unless `set_begin_index`
+                did, later steps follow in order.
             sample: `(B, T, d)` current latents x at `timestep`.
             return_dict: return a [`DDLMSchedulerOutput`] (default) or a tuple.
 
@@ -206,7 +230,7 @@ class DDLMScheduler(SchedulerMixin, ConfigMixin):
         if self.sigmas is None:
             raise ValueError("Call `set_timesteps` before `step`.")
         if self._step_index is None:
-            self._step_index = self._index_for_timestep(timestep)
+            self._step_index = self._index_for_timestep(timestep) if self._begin_index is None else self._begin_index
         if self._step_index >= self.num_inference_steps:
             raise ValueError(f"All {self.num_inference_steps} steps were taken; call `set_timesteps` again.")
         sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]

@@ -5,17 +5,18 @@
         --method sparse --threshold 1e-4 --plot --output-dir out/
 
 writes ``out/matchings.safetensors`` (`LayerMatchings.save`), ``out/summary.json``, a model card
-``out/README.md`` and, with ``--plot``, ``out/persistence.png``. Exit status: 0 on success, 2 on bad arguments or SAE files, 1
+``out/README.md`` and, with ``--plot``, ``out/persistence.png``, all at once (an earlier run's ``out`` is replaced
+whole; a folder holding other files is refused). Exit status: 0 on success, 2 on bad arguments or SAE files, 1
 when files could not be fetched or written.
 """
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+_OUTPUTS = ("matchings.safetensors", "summary.json", "README.md", "persistence.png")  # what a run writes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from hf_ext.atomic import check_output_folder
     from hf_ext.sae_match.formats import FORMATS
     from hf_ext.sae_match.matching import METHODS, PARTS
 
@@ -51,8 +53,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--threshold must be > 0, got {args.threshold}.")
     if args.plot and args.threshold is None:
         raise ValueError("--plot draws persistence, which needs --threshold.")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise ValueError(f"--output-dir {args.output_dir!r} exists and is not a folder.")
+    check_output_folder(args.output_dir, overwrite=_OUTPUTS, arg="--output-dir")
 
 
 def _summary(args, saes, chain, seconds) -> dict:
@@ -114,12 +115,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(out: Path, chain, summary: dict, plot_threshold: float | None) -> None:
-    """Write everything (and a model card, README.md) into a temporary folder inside ``out``, then move the files into place."""
+    """Write everything (and a model card, README.md) into a temporary folder beside ``out`` that then replaces it."""
+    from hf_ext.atomic import atomic_folder
     from hf_ext.model_card import save_model_card
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-sae-match-") as tmp:
-        tmp = Path(tmp)
+    with atomic_folder(out, overwrite=_OUTPUTS, arg="--output-dir") as tmp:
         chain.save(tmp / "matchings.safetensors")
         with open(tmp / "summary.json", "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -129,8 +129,6 @@ def _write_outputs(out: Path, chain, summary: dict, plot_threshold: float | None
             from hf_ext.sae_match.plots import plot_persistence
 
             plot_persistence(chain, plot_threshold, tmp / "persistence.png")
-        for path in tmp.iterdir():
-            os.replace(path, out / path.name)
 
 
 __all__ = ["add_arguments", "run"]

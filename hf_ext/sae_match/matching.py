@@ -94,10 +94,10 @@ def _parse_metadata(meta: dict[str, str]) -> dict:
 
 
 def _atomic_save(save_file, tensors: dict, path, metadata: dict[str, str]) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    from hf_ext.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """CAIFLogitsProcessor against its plain reference, hand-computed values and its own other paths."""
 
 import copy
+import itertools
 import json
 import math
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, LogitsProcessorList, PreTrainedTokenizerFast
 
+from hf_ext._compat.transformers import attention_implementation
 from hf_ext.generation.caif import CAIFLogitsProcessor, _attribute_log_prob, caif_reference_scores
 from hf_ext.testing import get_tiny_tokenizer, tiny_corpus, tiny_gpt2, tiny_roberta
 
@@ -45,7 +47,7 @@ def _permuted_tokenizer(tokenizer, seed=0):
     specials = set(tokenizer.all_special_ids)
     movable = sorted(i for i in vocab.values() if i not in specials)
     shuffled = [movable[j] for j in torch.randperm(len(movable), generator=torch.Generator().manual_seed(seed))]
-    perm = {i: i for i in specials} | dict(zip(movable, shuffled))
+    perm = {i: i for i in specials} | dict(zip(movable, shuffled, strict=True))
     state["model"]["vocab"] = {tok: perm[i] for tok, i in vocab.items()}
     backend = Tokenizer.from_str(json.dumps(state))
     special_tokens = {k: getattr(tokenizer, k) for k in ("pad_token", "bos_token", "eos_token", "unk_token", "mask_token")}
@@ -90,7 +92,7 @@ def _greedy_steps(lm, tok, prompts, processors, steps):
     for _ in range(steps):
         scores = _lm_scores(lm, input_ids, mask)
         outs = [p(input_ids, scores) for p in processors]
-        for h, o in zip(history, outs):
+        for h, o in zip(history, outs, strict=True):
             h.append(o)
         next_ids = outs[0].argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_ids], dim=1)
@@ -127,7 +129,7 @@ def test_matches_reference_over_greedy_steps(tok, lm, roberta, gpt2_cls, classif
                   top_k=12, activation=activation, invert=invert)
     proc = CAIFLogitsProcessor(**kwargs, use_cache=use_cache)
     (ours, ref), generated = _greedy_steps(lm, tok, PROMPTS, [proc, _Reference(**kwargs)], steps=4)
-    for a, r in zip(ours, ref):
+    for a, r in zip(ours, ref, strict=True):
         _assert_same_scores(a, r)
         assert torch.equal(a.argmax(-1), r.argmax(-1))
     # generate() with the processor picks the same tokens as the step-by-step reference loop.
@@ -186,6 +188,18 @@ def _tiny_llama_classifier(tokenizer, seed=3):
     return LlamaForSequenceClassification(config).eval()
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention"])
+def test_packed_forward_only_for_attention_that_takes_a_4d_mask(tok, attn_implementation):
+    """The packed candidate forward hands the decoder a custom 4D float mask, which eager and SDPA attention take;
+    other implementations (here flex attention) go through the classifier's own forward."""
+    classifier = _tiny_llama_classifier(tok)
+    classifier.set_attn_implementation(attn_implementation)
+    assert attention_implementation(classifier.config) == attn_implementation
+    classifier.config.pad_token_id = tok.eos_token_id  # the own-forward path pads with it
+    proc = CAIFLogitsProcessor(classifier, tok, tok, target_label=1, alpha=2.0)
+    assert proc.is_causal_classifier == proc.use_prefix_cache == (attn_implementation != "flex_attention")
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, lm, gpt2_cls, architecture):
     classifier = gpt2_cls if architecture == "gpt2" else _tiny_llama_classifier(tok)
@@ -194,13 +208,13 @@ def test_prefix_cache_equals_full_reencode_and_resets_between_generations(tok, l
     full = CAIFLogitsProcessor(**kwargs, use_cache=False)
     assert cached.use_prefix_cache and not full.use_prefix_cache
     (a, b, r), _ = _greedy_steps(lm, tok, PROMPTS, [cached, full, _Reference(**kwargs)], steps=5)
-    for x, y, z in zip(a, b, r):
+    for x, y, z in zip(a, b, r, strict=True):
         _assert_same_scores(x, y)
         _assert_same_scores(x, z)
     # The same processor object reused for new generations (other prompts, then a shorter batch) stays correct.
     for prompts in (["the game felt so", "our trip", "my day was"], ["the show"]):
         (a, b), _ = _greedy_steps(lm, tok, prompts, [cached, CAIFLogitsProcessor(**kwargs, use_cache=False)], steps=3)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _assert_same_scores(x, y)
 
 
@@ -268,7 +282,7 @@ def test_prefix_cache_follows_rows_the_entropy_gate_skipped(tok, lm, gpt2_cls):
                                                          CAIFLogitsProcessor(**kwargs, use_cache=False)], steps=6)
     gated = torch.stack([out.isfinite().all(-1) for out in full])  # (steps, rows): a gated row keeps every token
     assert gated.any() and not gated.all()
-    for x, y in zip(cached, full):
+    for x, y in zip(cached, full, strict=True):
         _assert_same_scores(x, y)
 
 
@@ -297,7 +311,7 @@ def test_bridge_with_retokenizing_classifier_tokenizer(tok, lm):
     assert not cached.same_tokenizer and cached.use_prefix_cache
     procs = [cached, CAIFLogitsProcessor(**kwargs, use_cache=False), _Reference(**kwargs)]
     (a, b, r), _ = _greedy_steps(lm, tok, PROMPTS[:2], procs, steps=3)
-    for x, y, z in zip(a, b, r):
+    for x, y, z in zip(a, b, r, strict=True):
         _assert_same_scores(x, z)
         _assert_same_scores(y, z)
 
@@ -417,7 +431,7 @@ def test_generate_modes_match_reference_at_every_step(tok, lm, gpt2_cls, gen, dt
     out = lm.generate(**tok(PROMPTS[:2], return_tensors="pt", padding=True), logits_processor=LogitsProcessorList([checked]),
                       max_new_tokens=5, pad_token_id=tok.pad_token_id, **gen)
     assert out.shape[0] == 2 * gen["num_return_sequences"] and len(checked.inputs) == 5
-    reordered = any(not torch.equal(new[:, :-1], old) for old, new in zip(checked.inputs, checked.inputs[1:]))
+    reordered = any(not torch.equal(new[:, :-1], old) for old, new in itertools.pairwise(checked.inputs))
     assert reordered == (gen.get("num_beams", 1) > 1)  # beam search did move rows: the cache had to follow
 
 
@@ -426,7 +440,7 @@ def test_classifier_forwards_are_bounded_by_classifier_batch_size(tok, roberta, 
     scores = torch.randn(len(PROMPTS), len(tok))
     for classifier, module in ((roberta, roberta), (gpt2_cls, gpt2_cls.transformer)):
         sizes = []
-        hook = module.register_forward_hook(lambda m, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]),
+        hook = module.register_forward_hook(lambda m, args, kwargs, out, sizes=sizes: sizes.append(kwargs["input_ids"].shape[0]),
                                             with_kwargs=True)
         try:
             CAIFLogitsProcessor(classifier, tok, tok, 1, 2.0, top_k=6, classifier_batch_size=4, use_cache=False)(

@@ -1,7 +1,11 @@
 """Streamed interpolation of checkpoint folders: formats, sharding, Hub ids, checks and atomic writes."""
 
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import hf_ext.merging.checkpoints as checkpoints
 from hf_ext.merging import interpolate_checkpoints, interpolate_models, interpolate_state_dict
-from hf_ext.merging.checkpoints import StreamingShardWriter
 from hf_ext.testing import lay_out_as_hub_repo, tiny_gpt2, tiny_llama
 
 
@@ -62,7 +66,7 @@ def test_several_alphas_in_one_pass(saved, tmp_path, dtype):
             sizes = sum(f.get_tensor(k).nbytes for k in f.keys())
             assert sizes <= 30_000 or len(list(f.keys())) == 1
     # config, tokenizer and card
-    for out, alpha in zip(outs, [0.0, 1.0, 0.5, -1.0]):
+    for out, alpha in zip(outs, [0.0, 1.0, 0.5, -1.0], strict=True):
         assert (out / "config.json").read_text() == (tuned_dir / "config.json").read_text()
         assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
         card = (out / "README.md").read_text()
@@ -159,6 +163,8 @@ def test_argument_errors(saved, tmp_path):
         interpolate_checkpoints(base, tuned, [], tmp_path / "out")
     with pytest.raises(ValueError, match=r"`shard_size` must be a positive number of bytes"):
         interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", shard_size=0)
+    with pytest.raises(ValueError, match=r"`shard_size` must be bytes or a size like '5GB', got '5XB' \(Unit 'XB' not supported"):
+        interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", shard_size="5XB")
     with pytest.raises(ValueError, match=r"`dtype` must be None or one of"):
         interpolate_checkpoints(base, tuned, 0.5, tmp_path / "out", dtype=torch.int8)
     with pytest.raises(ValueError, match=r"overlaps the input folder"):
@@ -185,15 +191,15 @@ def test_interrupted_run_leaves_nothing(saved, tmp_path, monkeypatch):
     previous.mkdir()
     (previous / "keep.txt").write_text("old")
     calls = {"n": 0}
-    real_write = StreamingShardWriter.write_chunk
+    real_save_file = checkpoints.save_file
 
-    def failing_write(self, chunk):
+    def failing_save_file(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 12:  # some shards are already complete on disk by now
+        if calls["n"] == 4:  # some shards are already complete on disk by now
             raise KeyboardInterrupt
-        return real_write(self, chunk)
+        return real_save_file(*args, **kwargs)
 
-    monkeypatch.setattr(StreamingShardWriter, "write_chunk", failing_write)
+    monkeypatch.setattr(checkpoints, "save_file", failing_save_file)
     with pytest.raises(KeyboardInterrupt):
         interpolate_checkpoints(base, tuned, [0.5, 2.0], tmp_path / "out", shard_size="20KB")
     assert not (tmp_path / "out").exists()
@@ -202,6 +208,45 @@ def test_interrupted_run_leaves_nothing(saved, tmp_path, monkeypatch):
         interpolate_checkpoints(base, tuned, 0.5, previous, overwrite=True, shard_size="20KB")
     assert sorted(p.name for p in previous.iterdir()) == ["keep.txt"]  # the old output is intact
     assert _leftovers(tmp_path) == []
+
+
+_KILLED_WRITER = """
+import sys, time
+import hf_ext.merging.checkpoints as checkpoints
+
+real_save_file = checkpoints.save_file
+
+def save_file_then_hang(*args, **kwargs):  # the first shard reaches the disk, then the writer stalls
+    real_save_file(*args, **kwargs)
+    print("one shard written", flush=True)
+    time.sleep(600)
+
+checkpoints.save_file = save_file_then_hang
+base, tuned, out = sys.argv[1:]
+checkpoints.interpolate_checkpoints(base, tuned, [0.5, 2.0], out, shard_size="20KB", overwrite=True)
+"""
+
+
+def test_killed_writer_leaves_the_old_output_whole(saved, tmp_path):
+    """SIGKILL mid-write (nothing of Python's runs after it): the old output stays whole, nothing partial is visible."""
+    base, tuned = saved / "float32" / "base", saved / "float32" / "tuned"
+    old = interpolate_checkpoints(base, tuned, [0.5, 2.0], tmp_path / "out", shard_size="20KB")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(base), str(tuned), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line == "one shard written\n", proc.stderr.read()[-3000:]
+        assert list(tmp_path.glob(".out.tmp-*/alpha_0.5/*.safetensors"))  # half-way, in a hidden temporary folder
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    assert after == before and [p.name for p in old] == ["alpha_0.5", "alpha_2"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["out"]  # nothing partial visible
+    # the next run replaces the old output whole (the killed run's hidden temporary folder is left as it was)
+    interpolate_checkpoints(base, tuned, 1.5, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file() and not (tmp_path / "out" / "alpha_0.5").exists()
 
 
 def test_chunked_streaming_equals_whole_tensors(saved, tmp_path, monkeypatch):

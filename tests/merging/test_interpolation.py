@@ -1,12 +1,19 @@
 """In-memory interpolation: the maths per tensor, dense models, and PEFT LoRA through its scaling."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from hf_ext.merging import interpolate_models, interpolate_state_dict, lerp
 from hf_ext.testing import tiny_gpt2, tiny_llama
+
+# PEFT 0.21.2's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5.25 deprecated for
+# `is_activation_checkpointing`: every get_peft_model on a transformers model warns, whatever hf_ext does.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 def _reference(base: torch.Tensor, tuned: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,6 +63,15 @@ def test_lerp_reduced_precision_equals_float32_reference(dtype, alpha):
     base, tuned = torch.randn(100_000).to(dtype), torch.randn(100_000).to(dtype)
     reference = torch.lerp(base.float(), tuned.float(), alpha).to(dtype)  # upcast, compute, round once
     assert torch.equal(lerp(base, tuned, alpha), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float16])
+def test_lerp_out_writes_the_same_bits(dtype, out_dtype):
+    base, tuned = torch.randn(1000).to(dtype), torch.randn(1000).to(dtype)
+    out = torch.full((1000,), float("nan"), dtype=out_dtype or dtype)
+    assert lerp(base, tuned, 0.3, dtype=out_dtype, out=out) is out
+    assert torch.equal(out, lerp(base, tuned, 0.3, dtype=out_dtype))
 
 
 def test_lerp_dtype_argument_casts_once():
@@ -206,6 +222,65 @@ def test_several_lora_adapters_are_combined_in_dW_not_factor_wise():
     factor_wise = 0.25 * (q.lora_B["default"].weight + q.lora_B["other"].weight) @ (q.lora_A["default"].weight + q.lora_A["other"].weight)
     exact = 0.5 * (q.lora_B["default"].weight @ q.lora_A["default"].weight + q.lora_B["other"].weight @ q.lora_A["other"].weight)
     assert not torch.allclose(factor_wise, exact, atol=1e-3)
+
+
+_RELOAD_ADAPTER = """
+import sys, torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+base, adapter, inputs, outputs = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+with torch.no_grad():
+    save_file({"logits": model(**load_file(inputs)).logits.contiguous()}, outputs)
+"""
+
+
+def test_interpolated_lora_adapter_saves_and_reloads_in_a_fresh_process(tmp_path):
+    """The saved adapter holds what the model computes: `PeftModel.from_pretrained` elsewhere gives the same outputs."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama(seed=0)
+    base.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(base, _lora_config(modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
+    out = interpolate_models(base, peft_model, -0.5)
+    ids = torch.randint(5, 100, (2, 7))
+    with torch.no_grad():
+        expected, at_one = out(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert not torch.allclose(expected, at_one, atol=1e-3)  # the test can tell an unscaled adapter apart
+
+    out.save_pretrained(tmp_path / "adapter")
+    save_file({"input_ids": ids}, tmp_path / "inputs.safetensors")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [tmp_path / "base", tmp_path / "adapter", tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"]
+    proc = subprocess.run([sys.executable, "-c", _RELOAD_ADAPTER, *map(str, args)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(load_file(tmp_path / "outputs.safetensors")["logits"], expected, rtol=0, atol=0)
+
+
+def test_lora_factors_tied_between_layers_are_scaled_once():
+    """With ensure_weight_tying, lm_head's LoRA factors are the embedding's (A_head = B_emb^T, B_head = A_emb^T)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(seed=0, tie_word_embeddings=True)
+    dense = copy.deepcopy(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"], init_lora_weights=False,
+                        ensure_weight_tying=True)
+    peft_model = get_peft_model(base, config)
+    emb = peft_model.base_model.model.model.embed_tokens
+    head = peft_model.base_model.model.lm_head
+    assert head.lora_B["default"].weight.data_ptr() == emb.lora_embedding_A["default"].data_ptr()  # really tied
+    with torch.no_grad():
+        dense.model.embed_tokens.weight += 0.5 * emb.get_delta_weight("default")  # [V, C], lm_head tied to it
+    with pytest.raises(RuntimeError, match="cannot be copied .*pass inplace=True"):  # the tied views refuse deepcopy
+        interpolate_models(base, peft_model, 0.5)
+    out = interpolate_models(base, peft_model, 0.5, inplace=True)
+    ids = torch.randint(5, 100, (2, 7))
+    torch.testing.assert_close(out(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_errors():

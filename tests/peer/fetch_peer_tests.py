@@ -39,6 +39,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import io
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,9 @@ class Suite:
         repo: ``owner/name`` on GitHub, where ``--source`` copies come from.
         commit: the commit of ``repo`` that ``repo_files`` are pinned at.
         repo_files: repository path -> sha256, for files taken from ``--source``.
+        namespace_aliases: folder under ``_suites`` -> folder of the suite it stands for, for a peer file that
+            imports a sibling by the absolute name its repository gives it (``tests.exporters``). The alias has no
+            ``__init__.py``, so it joins the ``tests`` namespace package pytest makes of hf_ext's own tests folder.
     """
 
     library: str
@@ -73,6 +77,7 @@ class Suite:
     repo: str
     commit: str
     repo_files: dict[str, str] = field(default_factory=dict)
+    namespace_aliases: dict[str, str] = field(default_factory=dict)
 
 
 SUITES: dict[str, Suite] = {
@@ -85,9 +90,19 @@ SUITES: dict[str, Suite] = {
             "tests/test_modeling_common.py": "b76190b86d67b334d474eb2d043dfa695caf45a3ceab68bc08ebf4280784abb4",
             "tests/test_configuration_common.py": "a8ac6455ff1bc085c147de71930a3bf57eb4e1ff880102ccaa627477b1f111e4",
         },
-        repo="huggingface/transformers",
-        commit="",
-        repo_files={},
+        # No copy of huggingface/transformers at v5.25.0 could be had here (the repository is over the size a
+        # snapshot may have); these two come from the synced fork zucchini-nlp/transformers at decba1d (main,
+        # 2026-08-19, 5.16.0.dev0), the newest copy found whose imports resolve on 5.25.0. Its
+        # tests/utils/test_configuration_utils.py imports httpx, which huggingface_hub 2.x replaced, so that one
+        # stays the stand-in below.
+        repo="zucchini-nlp/transformers",
+        commit="decba1d2ea4ed3cbf0495d1828abad4b2dba1846",
+        repo_files={
+            "tests/generation/test_utils.py": "9c3b4bce16f6ae1dbf97901e0b9b1eda4db9edf56e5f7fb7308ec2b32a42f966",
+            "tests/exporters/test_export.py": "d205f597d055c81dd892a775a727d62a51a6bbd33ff2af36fd2ff02db02e02e2",
+        },
+        # generation/test_utils.py imports `tests.exporters.test_export` by that absolute name.
+        namespace_aliases={"tests/exporters": "exporters"},
     ),
     "peft": Suite(
         library="peft",
@@ -128,7 +143,29 @@ SUITES: dict[str, Suite] = {
         sdist_files={},
         repo="huggingface/diffusers",
         commit="58eb52c0803ea9af3abec60841c2a093bdf1f951",
-        repo_files={},
+        repo_files={
+            "tests/models/autoencoders/vae.py": "cafb77d5410f02e32157ce904c01d20393cc32b394dfc72487f4853e7a4823b2",
+            "tests/models/test_modeling_common.py": "d0aad65e34a09aafc743c0e3bf086f8195b73420c6507e41393f59dd8c397cab",
+            "tests/models/testing_utils/__init__.py": "01e9ad6c07f063ce9ec6ff43b088b8ab4e146821eb3c36fefeba8bd0722b8e60",
+            "tests/models/testing_utils/attention.py": "0e201b75b3469e7a76f118f0c923cd463028a5b23d1d73c990ac3dce5395bb9c",
+            "tests/models/testing_utils/cache.py": "eef4b139f91ba41a9bf10063bbd320ef37350844f9eca5ce60838baf0bac9c45",
+            "tests/models/testing_utils/common.py": "ce3aed4897c1e44c7f590145b9e697834f1e09edb08ebdefe0c98ebe22d1ba2c",
+            "tests/models/testing_utils/compile.py": "1344298cc2968021105e54f068174b6ec14210691359c5442dbb818c9dede296",
+            "tests/models/testing_utils/ip_adapter.py": "082d823c9f94a47c868611723d38cca017fa41229bd87bdd3ac9574beaa93a4a",
+            "tests/models/testing_utils/lora.py": "64dfd69581d13f5082374b444e26676cb3e5ecec4d0ccd96ddc4acdd752f7ef7",
+            "tests/models/testing_utils/memory.py": "e92fd7ff3c4f0b0adb020f75cb133aaf7754d9f2cde0963a0051c5a7aaa44076",
+            "tests/models/testing_utils/parallelism.py": "687ec3ed5ffcd1e8244579d4f28fc8ded3e587b97a3b26cfaa1d620597087d77",
+            "tests/models/testing_utils/quantization.py": "a70e9041c5f4403d62fd134c35d6f086698dc9946c7bb9becbc73040abc0a094",
+            "tests/models/testing_utils/single_file.py": "89b80c1d8b59248c3f9a1876f7f14338f7bedcfa6113def81c29ac9af1e75c5d",
+            "tests/models/testing_utils/training.py": "9a570c05548ca06c7892cae786b55dc76f110cc0abe4ac6f70f6e95dcb156466",
+            "tests/models/testing_utils/utils.py": "704079ef020b1055f72f4227adce9a54f33f557d3959b07d25b4af3aa06a417f",
+            "tests/models/transformers/test_models_transformer_flux.py": "95dce2501043bce5178f8bd51102c2385416201e7950b3be1de3bdaa3a10b634",
+            "tests/models/unets/test_models_unet_2d_condition.py": "2534a85b9a6f1e193a942d35fe6c80654df4dc141c9df743f450a6edf57bab1b",
+            "tests/others/test_utils.py": "ffb1e09b3fb3e2663ab9a0415e8cb73f3066fe30b39d219d64e02cea080a7cec",
+            "tests/pipelines/test_pipelines_common.py": "dd67377323dd6869c69cabbe8988d2d281af0c5397c5c9b0f7404c4426340a64",
+            "tests/schedulers/test_schedulers.py": "4e41c6c4863061cc40edf14cdcfbaffa624249592d1f5b3711cca6087293dc02",
+            "tests/testing_utils.py": "317d6206b602f94bdb86e508d86b630a446864720ff7fed446965cb940f4acf3",
+        },
     ),
 }
 
@@ -202,14 +239,18 @@ def read_sdist_files(archive: bytes, wanted: set[str]) -> dict[str, bytes]:
     return found
 
 
-def pytest_markers(pyproject: bytes | None) -> list[str]:
-    """The ``[tool.pytest.ini_options] markers`` a suite's tests are decorated with (registered by tests/conftest.py)."""
-    if pyproject is None or sys.version_info < (3, 11):
-        return []
-    import tomllib
+_BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
 
-    pytest_table = tomllib.loads(pyproject.decode()).get("tool", {}).get("pytest", {})
-    return pytest_table.get("ini_options", pytest_table).get("markers", [])  # pytest 9 also reads [tool.pytest]
+
+def pytest_markers(files: dict[str, bytes]) -> list[str]:
+    """The pytest markers the suite's files apply (``@pytest.mark.generate``, ``@mark.flash_attn_test``, ...),
+    for tests/conftest.py to register: the peers declare some in their own conftest or not at all, and hf_ext's
+    pytest runs with ``--strict-markers``."""
+    used = set()
+    for path, data in files.items():
+        if path.endswith(".py"):
+            used.update(re.findall(r"\bmark\.([A-Za-z_]\w*)", data.decode(errors="replace")))
+    return [f"{name}: applied by the peer's own tests" for name in sorted(used - _BUILTIN_MARKS)]
 
 
 def read_source_file(source: Path, suite: Suite, path: str) -> bytes | None:
@@ -229,25 +270,22 @@ def _git_dir(source: Path) -> Path:
 
 def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tuple[dict[str, bytes], list[str], list[str]]:
     """The files of ``suite`` its sources provide (checked against their pins when ``check``), the missing ones,
-    and the pytest markers its ``pyproject.toml`` declares."""
+    and the pytest markers they apply."""
     files: dict[str, bytes] = {}
-    pyproject = None
     if suite.sdist_sha256 is not None:
         archive = download_sdist(suite, workdir, check)
         files.update(read_sdist_files(archive, set(suite.sdist_files)))
-        pyproject = read_sdist_files(archive, {"pyproject.toml"}).get("pyproject.toml")
     if source is not None:
         for path in suite.repo_files:
             data = read_source_file(source, suite, path)
             if data is not None:
                 files[path] = data
-        pyproject = pyproject or read_source_file(source, suite, "pyproject.toml")
     pins = {**suite.sdist_files, **suite.repo_files}
     if check:
         wrong = [f"{path}: sha256 {sha256(data)} (pinned {pins[path]})" for path, data in files.items() if sha256(data) != pins[path]]
         if wrong:
             raise SystemExit(f"{suite.library}: files differ from their pins:\n  " + "\n  ".join(wrong))
-    return files, sorted(set(pins) - set(files)), pytest_markers(pyproject)
+    return files, sorted(set(pins) - set(files)), pytest_markers(files)
 
 
 def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
@@ -270,6 +308,13 @@ def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], marke
     (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)
+    for alias, target in suite.namespace_aliases.items():
+        link = SUITES_DIR / alias
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        if (root / target).is_dir():
+            link.symlink_to(root / target, target_is_directory=True)
     return root
 
 

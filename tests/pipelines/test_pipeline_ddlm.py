@@ -23,8 +23,9 @@ def pipe(tiny_tokenizer):
 
 
 def _run(pipe, seed=0, **kwargs):
-    kwargs = {"num_samples": 4, "length": LENGTH, "num_inference_steps": STEPS, **kwargs}
-    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
+    kwargs = {"num_samples_per_prompt": 4, "length": LENGTH, "num_inference_steps": STEPS,
+              "generator": torch.Generator().manual_seed(seed), **kwargs}
+    return pipe(**kwargs)
 
 
 def test_prompt_prefix_is_kept_clean(pipe, tiny_tokenizer):
@@ -49,7 +50,7 @@ def test_deterministic_given_a_generator(pipe):
     first, second, other = _run(pipe, seed=3), _run(pipe, seed=3), _run(pipe, seed=4)
     assert torch.equal(first.sequences, second.sequences) and first.texts == second.texts
     assert not torch.equal(first.sequences, other.sequences)
-    texts, sequences, steps_used = _run(pipe, seed=3, return_dict=False)
+    sequences, steps_used, texts = _run(pipe, seed=3, return_dict=False)
     assert texts == first.texts and torch.equal(sequences, first.sequences) and torch.equal(steps_used, first.steps_used)
     assert _run(pipe, length=None).sequences.shape == (4, 16)  # the model's max_position_embeddings
 
@@ -57,7 +58,7 @@ def test_deterministic_given_a_generator(pipe):
 def test_full_run_matches_a_plain_euler_loop(pipe):
     """CDCD's sampler written out: warp-placed sigmas, x ~ N(0, sigma_max^2), self-conditioning, Euler steps."""
     final = []
-    out = _run(pipe, num_samples=2, callback_on_step_end=lambda p, i, t, kw: final.append(kw["latents"].clone()) or {})
+    out = _run(pipe, num_samples_per_prompt=2, callback_on_step_end=lambda p, i, t, kw: final.append(kw["latents"].clone()) or {})
     model, E = pipe.model, pipe.model.embedding_matrix()
     sigmas = 1.0 + 9.0 * model.time_warp.inverse_cdf(torch.linspace(1, 0, STEPS + 1))
     sigmas[0], sigmas[-1] = 10.0, 1.0
@@ -73,7 +74,7 @@ def test_full_run_matches_a_plain_euler_loop(pipe):
 
 
 def test_time_warp_places_the_steps(pipe):
-    _run(pipe, num_samples=1)
+    _run(pipe, num_samples_per_prompt=1)
     u = torch.linspace(1, 0, STEPS + 1)
     expected = 1.0 + 9.0 * pipe.model.time_warp.inverse_cdf(u)
     torch.testing.assert_close(pipe.scheduler.sigmas, expected)
@@ -98,7 +99,7 @@ def _expected_halting_steps(token_history, threshold, patience, start_fraction):
 
 def test_early_exit_stops_per_sample_and_reports_steps(pipe):
     history = []
-    full = _run(pipe, num_samples=6, callback_on_step_end=lambda p, i, t, kw: history.append(kw["tokens"].clone()) or {},
+    full = _run(pipe, num_samples_per_prompt=6, callback_on_step_end=lambda p, i, t, kw: history.append(kw["tokens"].clone()) or {},
                 callback_on_step_end_tensor_inputs=["tokens"])
     history = torch.stack(history)  # (steps, B, L)
     # pick the threshold whose reference stops samples at the most different steps
@@ -107,7 +108,7 @@ def test_early_exit_stops_per_sample_and_reports_steps(pipe):
     assert len(set(expected)) > 1 and min(expected) < STEPS  # the test needs samples halting at different steps
 
     pipe.scheduler = DDLMScheduler(switch_threshold=threshold, halting_patience=2, halting_start_fraction=0.25)
-    out = _run(pipe, num_samples=6, early_exit="switches")
+    out = _run(pipe, num_samples_per_prompt=6, early_exit="switches")
     assert out.steps_used.tolist() == expected
     for row, steps in enumerate(expected):  # a halted sample keeps the tokens of its last step
         assert torch.equal(out.sequences[row], history[steps - 1, row])
@@ -179,8 +180,10 @@ def test_save_load_round_trip_with_tokenizer(pipe, tmp_path):
         ({"num_inference_steps": 0}, "num_inference_steps"),
         ({"length": 0}, "length"),
         ({"length": 17}, "length"),
-        ({"num_samples": 0}, "num_samples"),
-        ({"prompt": "the movie was really great and i liked it to me", "length": 5}, "prompt"),
+        ({"num_samples_per_prompt": 0}, "num_samples_per_prompt"),
+        ({"output_type": "np"}, r"`output_type` must be one of \('text', 'seq', 'latent'\), got 'np'"),
+        ({"generator": [torch.Generator()] * 3}, "list of 3 generators, but the batch has 4 samples"),
+        ({"latents": torch.zeros(4, LENGTH, 9)}, r"`latents` must have shape \(4, 10, 8\)"),
         ({"early_exit": "perplexity"}, "early_exit"),
         ({"prompt": []}, "prompt"),
     ],
@@ -196,3 +199,74 @@ def test_bad_prompt_type_and_mismatched_noise_range(pipe):
     pipe.scheduler = DDLMScheduler(sigma_max=20.0)  # the model's time warp was fitted on [1, 10]
     with pytest.raises(ValueError, match=r"noise range.*\(1\.0, 20\.0\).*\(1\.0, 10\.0\)"):
         _run(pipe)
+
+
+def test_tuple_return_matches_the_output_object(pipe):
+    """Regression: without a tokenizer `return_dict=False` gave `(None, sequences, steps_used)`, while the output's
+    `[0]` was `sequences` and its `to_tuple()` had two entries."""
+    for tokenizer in (pipe.tokenizer, None):
+        pipe.tokenizer = tokenizer
+        out, as_tuple = _run(pipe), _run(pipe, return_dict=False)
+        assert len(as_tuple) == len(out.to_tuple()) == (3 if tokenizer else 2)
+        assert torch.equal(as_tuple[0], out[0]) and torch.equal(as_tuple[0], out.sequences)
+        assert torch.equal(as_tuple[1], out.steps_used)
+
+
+def test_over_long_prompt_is_truncated_like_a_tokenizer(pipe, tiny_tokenizer):
+    """Regression: a prompt longer than `length` raised; it is cut to `length` tokens as `truncation=True` would."""
+    prompt = "the movie was really great and i liked it a lot"
+    ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 5
+    out = _run(pipe, prompt=prompt, length=5)
+    assert out.sequences.tolist() == [ids[:5]] * 4
+
+
+def test_output_types(pipe):
+    final = []
+    text = _run(pipe)
+    seq = _run(pipe, output_type="seq")
+    latent = _run(pipe, output_type="latent", callback_on_step_end=lambda p, i, t, kw: final.append(kw["latents"]) or {})
+    assert torch.equal(seq.sequences, text.sequences) and seq.texts is None and len(text.texts) == 4
+    assert latent.sequences is None and latent.texts is None and torch.equal(latent.steps_used, text.steps_used)
+    assert latent.latents.shape == (4, LENGTH, 8) and torch.equal(latent.latents, final[-1])
+    latents, steps_used = _run(pipe, output_type="latent", return_dict=False)
+    assert torch.equal(latents, latent.latents) and torch.equal(steps_used, latent.steps_used)
+
+
+def test_latents_argument_is_scaled_noise_with_a_clean_prefix(pipe, tiny_tokenizer):
+    prompt_ids = tiny_tokenizer("the movie", add_special_tokens=False)["input_ids"]
+    noise = torch.randn(4, LENGTH, 8, generator=torch.Generator().manual_seed(5))
+    first = []
+    given = _run(pipe, prompt="the movie", latents=noise, output_type="seq",
+                 callback_on_step_end=lambda p, i, t, kw: first.append(kw["latents"].clone()) or {})
+    drawn = _run(pipe, seed=5, prompt="the movie", output_type="seq")
+    assert torch.equal(given.sequences, drawn.sequences)
+    clean = pipe.model.embedding_matrix()[torch.tensor(prompt_ids)]
+    torch.testing.assert_close(first[0][:, : len(prompt_ids)], clean.expand(4, -1, -1))
+
+
+def test_a_generator_per_sample_reproduces_each_single_run(pipe):
+    prompts = ["the movie", "a film was"]
+    batched = pipe(prompt=prompts, length=LENGTH, num_inference_steps=STEPS,
+                   generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+    for row, (prompt, seed) in enumerate(zip(prompts, (3, 4), strict=True)):
+        single = pipe(prompt=prompt, length=LENGTH, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(batched.sequences[row], single.sequences[0]) and batched.texts[row] == single.texts[0]
+
+
+def test_rows_are_prompt_major(pipe, tiny_tokenizer):
+    out = _run(pipe, prompt=["the movie", "a film was"], num_samples_per_prompt=2)
+    for row, prompt in enumerate(["the movie", "the movie", "a film was", "a film was"]):
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert out.sequences[row, : len(ids)].tolist() == ids
+    assert not torch.equal(out.sequences[0], out.sequences[1])  # each sample its own noise
+
+
+def test_progress_bar_follows_set_progress_bar_config(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False, desc="ddlm")
+    _run(pipe)
+    err = capsys.readouterr().err
+    assert "ddlm: 100%" in err and f"| {STEPS}/{STEPS} [" in err
+    pipe.set_progress_bar_config(disable=True)
+    _run(pipe)
+    assert capsys.readouterr().err == ""

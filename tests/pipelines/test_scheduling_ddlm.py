@@ -80,3 +80,26 @@ def test_errors_name_the_argument():
         scheduler.step(torch.zeros(1, 1, 2), 10.0, torch.zeros(1, 1, 2))
     with pytest.raises(ValueError, match="early_exit"):
         scheduler.halting_statistic("perplexity", torch.zeros(1, 1, 2), None, torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_set_begin_index_places_the_first_step():
+    scheduler = DDLMScheduler(sigma_min=1.0, sigma_max=10.0)
+    scheduler.set_timesteps(3)  # sigmas 10, 7, 4, 1
+    scheduler.set_begin_index(1)
+    x, x0 = torch.tensor([[[2.0, -1.0]]]), torch.tensor([[[0.5, 0.5]]])
+    # the step runs 7 -> 4 whatever `timestep` says: [2, -1] + (-3) * [1.5, -1.5] / 7
+    out = scheduler.step(x0, torch.tensor(10.0), x)
+    torch.testing.assert_close(out.prev_sample, torch.tensor([[[2.0 - 4.5 / 7, -1.0 + 4.5 / 7]]]))
+    assert (scheduler.begin_index, scheduler.step_index) == (1, 2)
+    scheduler.set_timesteps(3)  # a new schedule forgets the begin index
+    assert scheduler.begin_index is None and scheduler.step_index is None
+    with pytest.raises(ValueError, match="`begin_index` must be an integer >= 0, got -1"):
+        scheduler.set_begin_index(-1)
+
+
+def test_scale_model_input_is_the_identity():
+    # DDLMModel applies c_in(sigma) = 1 / sqrt(sigma^2 + 1) inside `denoise`, so the scheduler scales nothing
+    scheduler = DDLMScheduler()
+    scheduler.set_timesteps(4)
+    sample = torch.randn(2, 3, 4)
+    assert scheduler.scale_model_input(sample, scheduler.timesteps[0]) is sample

@@ -87,7 +87,8 @@ class BasedConfig(PreTrainedConfig):
     >>> BasedConfig(feature_dim=0)
     Traceback (most recent call last):
     ...
-    ValueError: `feature_dim` must be a positive integer, got 0.
+    huggingface_hub.errors.StrictDataclassClassValidationError: Class validation error for validator 'validate_sizes':
+        ValueError: `feature_dim` must be a positive integer, got 0.
 
     ```
     """
@@ -136,10 +137,6 @@ class BasedConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 2 * self.hidden_size
-        # Checked here too (not only by `@strict`, which re-raises them wrapped) so that bad values raise a plain
-        # ValueError naming the field, at construction and on load alike.
-        self.validate_sizes()
-        self.validate_mixers()
         super().__post_init__(**kwargs)
 
     def validate_sizes(self):
@@ -161,12 +158,8 @@ class BasedConfig(PreTrainedConfig):
             )
 
     def validate_mixers(self):
-        """Part of `@strict` validation: known layer types and kernel options, a positive window."""
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"`layer_types` has {len(self.layer_types)} entries but `num_hidden_layers` is "
-                f"{self.num_hidden_layers}; give one type per layer."
-            )
+        """Part of `@strict` validation: known layer types and kernel options, a positive window. (transformers'
+        own `validate_layer_type` checks that there is one layer type per layer.)"""
         unknown = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
         if unknown:
             raise ValueError(f"`layer_types` contains unknown types {unknown}; allowed: {list(LAYER_TYPES)}.")

@@ -38,6 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -89,7 +90,7 @@ def _normalise(out: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear_attention_parallel(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quadratic reference form of Eq. 1 (float32 inside). Returns no state.
@@ -113,7 +114,7 @@ def linear_attention_parallel(
 
 
 def linear_attention_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12, chunk_size: int = 64,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12, chunk_size: int = 64,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked form of Eq. 1: quadratic inside chunks of `chunk_size`, the state of Eq. 2 between them.
@@ -154,7 +155,7 @@ def linear_attention_chunked(
 
 
 def linear_attention_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Recurrent form (Eq. 2), one token at a time: `S_t = S_{t-1} + phi(k_t)^T [v_t, 1]`, `y_t = phi(q_t) S_t`.
@@ -215,7 +216,7 @@ def uses_fla(x: torch.Tensor) -> bool:
 
 
 def fla_linear_attention_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`linear_attention_chunked` on fla's kernels (fla picks its own chunk size); same arguments and returns.
@@ -241,7 +242,7 @@ def fla_linear_attention_chunked(
 
 
 def fla_linear_attention_recurrent(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, eps: float = 1e-12,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str, *, eps: float = 1e-12,
     initial_state: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`linear_attention_recurrent` on fla's `fused_recurrent_linear_attn`; same arguments and returns."""
@@ -256,6 +257,19 @@ def fla_linear_attention_recurrent(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Mixers
+
+
+def _count_tokens_in_cache(cache: Cache, layer_idx: int, hidden_states: torch.Tensor) -> None:
+    """Advance the token count of a layer whose cache holds only a recurrent state, and mark that state as present.
+
+    In transformers 5.25 a linear-attention cache layer does both only in `update_conv_state`
+    (`update_recurrent_state` does neither); without them `get_seq_length()` stays 0, so default positions and
+    `generate(cache=...)` restart at token 0, and `get_recurrent_state` keeps returning None. This mixer has no
+    convolution, so it passes a zero-width conv state `[B, 0, T]` through that public call: it counts the `T` new
+    tokens and stores nothing.
+    """
+    B, T, _ = hidden_states.shape
+    cache.update_conv_state(hidden_states.new_empty(B, 0, T), layer_idx, conv_kernel_size=1)
 
 
 class BasedLinearAttention(nn.Module):
@@ -297,31 +311,49 @@ class BasedLinearAttention(nn.Module):
         v = self.proj_v(hidden_states).view(B, T, self.num_heads, self.head_dim)
         return q, k, v
 
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None,
+        padding_mask: torch.Tensor | None, output_final_state: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eq. 1 from `state` on: the recurrent step for one token after a state, the chunked form otherwise; on fla's
+        kernels on CUDA when installed, on the torch forms otherwise."""
+        on_fla = uses_fla(q)
+        options = dict(eps=self.eps, initial_state=state, key_mask=padding_mask)
+        if state is not None and q.shape[1] == 1:
+            recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
+            return recurrent(q, k, v, self.feature_map, **options)
+        if on_fla:
+            return fla_linear_attention_chunked(q, k, v, self.feature_map, output_final_state=output_final_state, **options)
+        return linear_attention_chunked(
+            q, k, v, self.feature_map, chunk_size=self.chunk_size, output_final_state=output_final_state, **options
+        )
+
     def forward(
         self, hidden_states: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         # 1. Projections (and ReBased's normalisation): q, k [B, T, H, F], v [B, T, H, Dv].
         q, k, v = self._project(hidden_states)
+        T = q.shape[1]
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
-        # 2. One new token with a state: the recurrent step; otherwise the chunked form from the state (if any).
-        # fla's kernels on CUDA when installed, the torch forms otherwise.
-        on_fla = uses_fla(q)
-        if state is not None and q.shape[1] == 1:
-            recurrent = fla_linear_attention_recurrent if on_fla else linear_attention_recurrent
-            y, final_state = recurrent(q, k, v, self.feature_map, self.eps, state, padding_mask)
-        elif on_fla:
-            y, final_state = fla_linear_attention_chunked(
-                q, k, v, self.feature_map, self.eps, state, padding_mask, output_final_state=cache is not None
-            )
-        else:
-            y, final_state = linear_attention_chunked(
-                q, k, v, self.feature_map, self.eps, self.chunk_size, state, padding_mask, output_final_state=cache is not None
-            )
-        # 3. Keep the state. transformers sets `has_previous_state` only in `update_conv_state`, and this mixer has
-        # no convolution, so it is set here (otherwise `get_recurrent_state` keeps returning None).
+        # 2. Attention. Assisted decoding feeds the last accepted token and up to `n` drafted ones (`n` the cache's
+        # `get_recurrent_states_to_keep`), then rolls the cache back past the rejected drafts. Rolling back `r <= n`
+        # tokens restores the state after token `T - r`, and the cache records the state held before this call
+        # followed by all but the last of the states it is given: so it is given the states after each of the last
+        # `n + 1` tokens (stepped one by one).
+        keep = cache.get_recurrent_states_to_keep(self.layer_idx) if cache is not None else 0
+        keep = min(keep + 1, T) if keep else 0
+        spans = ([(0, T - keep)] if keep < T else []) + [(t, t + 1) for t in range(T - keep, T)]
+        outputs, states = [], []
+        for start, end in spans:
+            mask = padding_mask[:, start:end] if padding_mask is not None else None
+            y, state = self._attend(q[:, start:end], k[:, start:end], v[:, start:end], state, mask, cache is not None)
+            outputs.append(y)
+            states.append(state)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        # 3. Keep the state (or the last `keep` states), and count the tokens it has seen.
         if cache is not None:
-            cache.update_recurrent_state(final_state, self.layer_idx)
-            cache.layers[self.layer_idx].has_previous_state[0] = True
+            cache.update_recurrent_state(states[-keep:] if keep else state, self.layer_idx)
+            _count_tokens_in_cache(cache, self.layer_idx, hidden_states)
         # 4. Output projection.
         return self.proj_o(y.reshape(*hidden_states.shape[:-1], -1).to(hidden_states.dtype))
 
@@ -424,8 +456,8 @@ class BasedPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BasedDecoderLayer"]
     _supports_sdpa = True
-    _is_stateful = True
-    _can_record_outputs = {"hidden_states": BasedDecoderLayer}
+    # `attentions`: the softmax weights of the sliding-window layers only (linear attention and convolutions have none)
+    _can_record_outputs = {"hidden_states": BasedDecoderLayer, "attentions": BasedSlidingWindowAttention}
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -470,20 +502,11 @@ class BasedModel(BasedPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _past_length(self, cache: Cache | None) -> int:
-        """Tokens already in `cache`, for default positions. Linear-attention states do not count tokens, so a cache
-        without attention layers only knows it when the model needs no positions."""
-        if cache is None or all(cache.is_linear):
-            if cache is not None and self.config.use_learned_positions and cache.has_previous_state():
-                raise ValueError(
-                    "`position_ids` is required to continue from a `cache` with learned positions and no attention "
-                    "layer: the recurrent state does not record how many tokens it has seen."
-                )
-            return 0
-        return cache.get_seq_length()
-
     @merge_with_config_defaults
     @capture_outputs
+    # The transformers 4 names of `cache`: `past_key_values` (attention models) and `cache_params` (recurrent ones).
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -500,7 +523,8 @@ class BasedModel(BasedPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(B, T_past + T)`, *optional*): 1 for tokens, 0 for padding.
                 Padded positions are kept out of the recurrent and convolution states.
             position_ids (`torch.LongTensor` of shape `(B, T)`, *optional*): positions for the learned position
-                embedding and the rotary embedding of sliding-window layers.
+                embedding and the rotary embedding of sliding-window layers; by default they continue after the
+                `cache.get_seq_length()` tokens the cache has seen.
             cache (`Cache`, *optional*): the decoding state from an earlier call (`DynamicCache(config=config)`):
                 a fixed-size recurrent state per linear-attention layer, the last `conv_kernel_size` inputs per
                 convolution, and at most `sliding_window - 1` keys/values per sliding-window layer.
@@ -508,7 +532,8 @@ class BasedModel(BasedPreTrainedModel):
             use_cache (`bool`, *optional*): return the updated `cache`.
 
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)` and `cache`.
+            `BaseModelOutputWithPast` with `last_hidden_state` `(B, T, hidden_size)`, `cache`, and on request
+            `hidden_states` and `attentions` (one per sliding-window layer, with `attn_implementation="eager"`).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -517,7 +542,8 @@ class BasedModel(BasedPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + self._past_length(cache)
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         hidden_states = inputs_embeds
@@ -574,6 +600,9 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @can_return_tuple
+    # The transformers 4 names of `cache`: `past_key_values` (attention models) and `cache_params` (recurrent ones).
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -594,7 +623,8 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
             Other arguments as [`BasedModel.forward`].
 
         Returns:
-            `CausalLMOutputWithPast` with `loss`, `logits` `(B, T, vocab_size)`, `cache` and `hidden_states`.
+            `CausalLMOutputWithPast` with `loss`, `logits` `(B, T, vocab_size)`, `cache`, `hidden_states` and
+            `attentions` (one per sliding-window layer, with `attn_implementation="eager"`).
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
@@ -604,7 +634,10 @@ class BasedForCausalLM(BasedPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
 
 __all__ = [

@@ -94,16 +94,8 @@ class DDLMConfig(PreTrainedConfig):
     eos_token_id: int | None = None
     tie_word_embeddings: bool = False
 
-    def __post_init__(self, **kwargs):
-        # `@strict` re-raises validator errors as StrictDataclassClassValidationError; checking here
-        # first gives users the plain ValueError that names the field.
-        self.validate_architecture()
-        self.validate_noise_range()
-        self.validate_rates()
-        super().__post_init__(**kwargs)
-
     def validate_architecture(self):
-        """The heads must split the width evenly."""
+        """Part of `@strict`-powered validation: the heads split the width evenly; the warp has pieces."""
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
@@ -113,14 +105,15 @@ class DDLMConfig(PreTrainedConfig):
             raise ValueError(f"`time_warp_bins` must be >= 1, got {self.time_warp_bins}.")
 
     def validate_noise_range(self):
-        """Noise scales are positive and ordered (CDCD: t in [t_min, t_max])."""
+        """Part of `@strict`-powered validation: noise scales are positive and ordered (CDCD: t in [t_min, t_max])."""
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(
                 f"`sigma_min` must be > 0 and < `sigma_max`, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}."
             )
 
     def validate_rates(self):
-        """Rates are probabilities, and the two conditioning masks share one draw."""
+        """Part of `@strict`-powered validation: rates are probabilities, and the two conditioning masks share one
+        draw."""
         for name in ("self_conditioning_rate", "prefix_mask_rate", "span_mask_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

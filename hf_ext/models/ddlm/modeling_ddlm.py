@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddlm import DDLMConfig
 
@@ -164,26 +171,43 @@ class DDLMTimeEmbedding(nn.Module):
 
 
 class DDLMAttention(nn.Module):
-    """Bidirectional multi-head self-attention (no causal mask: every position sees every other)."""
+    """Bidirectional multi-head self-attention (no causal mask: every position sees every other).
+
+    The attention itself runs through transformers' attention interface, so `attn_implementation="sdpa"` (the
+    default) and `"eager"` (the plain softmax(QK^T / sqrt(d_head)) V, which also returns the weights) compute the same
+    function; the mask comes from `transformers.masking_utils.create_bidirectional_mask`.
+    """
 
     def __init__(self, config: DDLMConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # read by the attention interface (SDPA's `is_causal`)
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, T, h)` -> (`(B, T, h)` output, `(B, nh, T, T)` weights or None where the implementation has none)."""
         B, T, C = hidden_states.shape
         q, k, v = self.qkv_proj(hidden_states).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, nh, T, hs)
-        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, C))
+        # `_attn_implementation` is how every in-tree model dispatches (see transformers' AttentionInterface docs)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )  # (B, T, nh, hs)
+        return self.o_proj(out.reshape(B, T, C)), weights
 
 
-class DDLMBlock(nn.Module):
-    """Pre-norm transformer block: attention then MLP, each on a residual branch."""
+class DDLMBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: attention then MLP, each on a residual branch. Checkpointed as a whole when
+    activation checkpointing is on (`model.activation_checkpointing_enable()`)."""
 
     def __init__(self, config: DDLMConfig):
         super().__init__()
@@ -197,8 +221,11 @@ class DDLMBlock(nn.Module):
         )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.attn(self.attn_norm(hidden_states), key_padding_mask))
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        attn_out, _ = self.attn(self.attn_norm(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + self.dropout(attn_out)
         return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
 
 
@@ -208,6 +235,10 @@ class DDLMPreTrainedModel(PreTrainedModel):
     config: DDLMConfig
     base_model_prefix = "ddlm"
     _no_split_modules = ["DDLMBlock"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # `output_hidden_states` / `output_attentions` are collected by hooks on these modules (`@capture_outputs`)
+    _can_record_outputs = {"hidden_states": DDLMBlock, "attentions": DDLMAttention}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -238,6 +269,13 @@ class DDLMModelOutput(ModelOutput):
             Positions that were kept clean.
         time_warp_loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
             Squared error between the time-warp curve and the per-sequence cross-entropy.
+        hidden_states (`tuple(torch.FloatTensor)`, returned when `output_hidden_states=True`):
+            `num_hidden_layers + 1` tensors of shape `(B, T, hidden_size)` from the denoising pass that gave
+            `logits`: the input of the first block, then the output of each block, the last one after the final
+            layer norm (as in transformers' models).
+        attentions (`tuple(torch.FloatTensor)`, returned when `output_attentions=True` with eager attention):
+            `num_hidden_layers` tensors of shape `(B, num_attention_heads, T, T)`, the attention weights after the
+            softmax.
     """
 
     loss: torch.FloatTensor | None = None
@@ -246,6 +284,8 @@ class DDLMModelOutput(ModelOutput):
     sigma: torch.FloatTensor | None = None
     conditioning_mask: torch.BoolTensor | None = None
     time_warp_loss: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class DDLMModel(DDLMPreTrainedModel):
@@ -271,6 +311,10 @@ class DDLMModel(DDLMPreTrainedModel):
 
     ```
     """
+
+    # The loss is a mean over tokens plus the time-warp fit over sequences: `Trainer` must not pass
+    # `num_items_in_batch` (which `**kwargs` would otherwise invite) and must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: DDLMConfig):
         super().__init__(config)
@@ -311,15 +355,17 @@ class DDLMModel(DDLMPreTrainedModel):
         tau = self.time_warp.inverse_cdf(low_discrepancy_uniform(batch_size, device))
         return self.config.sigma_min + tau * (self.config.sigma_max - self.config.sigma_min)
 
-    def denoise(
+    @capture_outputs
+    def denoise_outputs(
         self,
         noisy_embeds: torch.Tensor,
         sigma: torch.Tensor,
         self_conditioning: torch.Tensor | None = None,
         conditioning_mask: torch.BoolTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One network evaluation.
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutput:
+        """One evaluation of the transformer, up to (not including) the vocabulary head.
 
         Args:
             noisy_embeds: `(B, T, d)` x_sigma (clean embeddings at conditioning positions).
@@ -327,9 +373,12 @@ class DDLMModel(DDLMPreTrainedModel):
             self_conditioning: `(B, T, d)` previous x0 estimate, or None for zeros.
             conditioning_mask: `(B, T)` True at clean positions, or None for none.
             attention_mask: `(B, T)` 1 for real tokens, 0 for padding, or None for all real.
+            output_hidden_states, output_attentions (`bool`, *optional*): collect the blocks' outputs / attention
+                weights (defaults from the config), as in transformers' models.
 
         Returns:
-            `(B, T, V)` logits.
+            `BaseModelOutput` with `last_hidden_state` `(B, T, hidden_size)` after the final layer norm, and
+            `hidden_states` / `attentions` when asked.
         """
         B, T, _ = noisy_embeds.shape
         if T > self.config.max_position_embeddings:
@@ -348,11 +397,28 @@ class DDLMModel(DDLMPreTrainedModel):
             + self.conditioning_embeddings(conditioning_mask.long())
             + self.time_embedding(sigma)[:, None, :]
         )  # (B, T, h)
-        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        # (B, 1, T, T) padding mask in the form the attention implementation wants (None when nothing is masked)
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         for layer in self.layers:
-            hidden = layer(hidden, key_padding_mask)
-        return self.lm_head(self.norm(hidden))
+            hidden = layer(hidden, mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.norm(hidden))
 
+    def denoise(
+        self,
+        noisy_embeds: torch.Tensor,
+        sigma: torch.Tensor,
+        self_conditioning: torch.Tensor | None = None,
+        conditioning_mask: torch.BoolTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One network evaluation: the `(B, T, V)` logits of [`~DDLMModel.denoise_outputs`] (same arguments)."""
+        outputs = self.denoise_outputs(
+            noisy_embeds, sigma, self_conditioning, conditioning_mask, attention_mask,
+            output_hidden_states=False, output_attentions=False, return_dict=True,
+        )
+        return self.lm_head(outputs.last_hidden_state)
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -362,8 +428,8 @@ class DDLMModel(DDLMPreTrainedModel):
         noise: torch.Tensor | None = None,
         conditioning_mask: torch.BoolTensor | None = None,
         self_conditioning: torch.Tensor | None = None,
-        return_dict: bool | None = None,
-    ) -> DDLMModelOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DDLMModelOutput:
         """Noise clean tokens, denoise them and, with `labels`, return the training loss.
 
         Args:
@@ -376,12 +442,14 @@ class DDLMModel(DDLMPreTrainedModel):
                 (prefix / span / none, see the config), all False in eval, when None.
             self_conditioning: `(B, T, d)` previous x0 estimate. When None in training, a random share
                 `self_conditioning_rate` of batches computes it with a first, gradient-free pass.
-            return_dict: return a [`DDLMModelOutput`] (default) or a tuple.
+            output_hidden_states, output_attentions (`bool`, *optional*): return the hidden states / attention
+                weights of the pass that gives `logits` (the self-conditioning pass is not recorded); attention
+                weights need `attn_implementation="eager"`.
+            return_dict (`bool`, *optional*): return a [`DDLMModelOutput`] (default: `config.return_dict`) or a tuple.
 
         Returns:
             [`DDLMModelOutput`].
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None:
             raise ValueError("`input_ids` must be given (the clean tokens to noise).")
         B, T = input_ids.shape
@@ -410,7 +478,10 @@ class DDLMModel(DDLMPreTrainedModel):
                 self_conditioning = interpolate_embeddings(first, embeddings)
 
         # 3. logits and score interpolation's x0_hat (CDCD, score interpolation)
-        logits = self.denoise(noisy, sigma, self_conditioning, conditioning_mask, attention_mask)
+        outputs = self.denoise_outputs(
+            noisy, sigma, self_conditioning, conditioning_mask, attention_mask, return_dict=True, **kwargs
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
         x0_hat = interpolate_embeddings(logits, embeddings)
 
         # 4. loss: cross-entropy on the noisy positions, plus the time-warp fit
@@ -418,11 +489,10 @@ class DDLMModel(DDLMPreTrainedModel):
         if labels is not None:
             loss, time_warp_loss = self._loss(logits, labels, sigma, conditioning_mask, attention_mask)
 
-        output = DDLMModelOutput(
+        return DDLMModelOutput(
             loss=loss, logits=logits, x0_hat=x0_hat, sigma=sigma, conditioning_mask=conditioning_mask,
-            time_warp_loss=time_warp_loss,
+            time_warp_loss=time_warp_loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
     def _loss(self, logits, labels, sigma, conditioning_mask, attention_mask):
         """Mean CE over scored positions + weight * mean over sequences of (F~(tau) - CE_seq)^2 (CDCD, time warping)."""

@@ -6,7 +6,8 @@
 
 import logging
 
-from peft.utils import PeftType
+from hf_ext._compat.peft import add_peft_type_member
+from hf_ext._registration import same_class
 
 from .config import AoTPTuningConfig
 from .layer import AoTPTuningLayer
@@ -15,27 +16,6 @@ from .model import AoTPTuningModel
 logger = logging.getLogger(__name__)
 
 PEFT_TYPE_NAME = "AOT_PTUNING"
-
-
-def _add_peft_type_member() -> PeftType:
-    """Add ``AOT_PTUNING`` to PEFT's `PeftType` enum, which `register_peft_method` insists on (once per process)."""
-    if PEFT_TYPE_NAME in PeftType.__members__:
-        return PeftType[PEFT_TYPE_NAME]
-    member = str.__new__(PeftType, PEFT_TYPE_NAME)
-    member._name_ = PEFT_TYPE_NAME
-    member._value_ = PEFT_TYPE_NAME
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
-    PeftType._member_names_.append(PEFT_TYPE_NAME)
-    PeftType._member_map_[PEFT_TYPE_NAME] = member
-    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
-    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)  # EnumType.__setattr__ refuses to set members
-    return member
-
-
-def _same_class(a: type, b: type) -> bool:
-    # A reloaded module gives a new class object with the same qualified name.
-    return a is b or (a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__)
 
 
 def register() -> None:
@@ -47,13 +27,13 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    peft_type = _add_peft_type_member()
+    peft_type = add_peft_type_member(PEFT_TYPE_NAME)
     existing = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if existing is None:
         register_peft_method(
             name=PEFT_TYPE_NAME.lower(), config_cls=AoTPTuningConfig, model_cls=AoTPTuningModel, prefix=AoTPTuningModel.prefix
         )
-    elif _same_class(existing, AoTPTuningConfig):
+    elif same_class(existing, AoTPTuningConfig):
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = AoTPTuningConfig
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = AoTPTuningModel
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = AoTPTuningModel.prefix

@@ -40,8 +40,8 @@ class AoTPTuningConfig(PeftConfig):
     read; see PAPERS.md): the exact formulas above (the Kronecker factor shapes with ``a = b = ceil(sqrt(|V|))``,
     the FC biases ``b1, b2`` and ``f`` = ReLU); that every layer has its own reparametrization weights; the
     initialisation (here the last factor of each reparametrization, ``W2_l, b2_l``, ``WR_l`` or the raw
-    table, starts at zero so that the adapted model starts as the base model); and the defaults below (256, 16),
-    which are ours, not the paper's.
+    table, starts at zero so that the adapted model starts as the base model; see `init_weights`); and the
+    defaults below (256, 16), which are ours, not the paper's.
 
     Args:
         reparametrization (`str`, defaults to `"fc"`):
@@ -50,14 +50,20 @@ class AoTPTuningConfig(PeftConfig):
             Hidden size of the FC reparametrization (columns of ``W1_l``). Used only with `"fc"`.
         kronecker_rank (`int`, defaults to 16):
             Rank ``r`` of each Kronecker factor (``WR_l`` has r² rows). Used only with `"kronecker"`.
+        init_weights (`bool`, defaults to `True`):
+            Start the last factor of each reparametrization (``W2_l`` and ``b2_l``, ``WR_l``, or the raw table) at
+            zero, so that the adapted model starts as the base model. `False` draws it from N(0, 0.02²) instead:
+            the adapter then changes the outputs from the start, which is for tests (as PEFT's methods'
+            `init_weights=False`), not for training.
         save_collapsed (`bool`, defaults to `False`):
             Save the collapsed tables ``P_l`` (|V| x d per layer) instead of the reparametrization weights. The
             saved config then says ``reparametrization="none"``, since raw tables are what the file holds, and it
             loads (and can be trained further) as such.
         target_modules (`Optional[Union[list[str], str]]`):
             The Transformer layers to add a bias before (names or a regex, matched as in other PEFT methods).
-            Left as `None`, the layers are found in the model: the `nn.ModuleList` named `layer`, `layers`, `h`,
-            `block` or `blocks` with as many entries as the model config's number of hidden layers.
+            Left as `None`, the layers are found in the model: the outermost `nn.ModuleList` named `layer`,
+            `layers`, `h`, `block` or `blocks` (in an encoder-decoder, one in the encoder and one in the decoder,
+            whose layers take the decoder's token ids).
         vocab_size (`Optional[int]`):
             Rows of each table, |V|. Left as `None`, it is taken from the model's input embedding; loading an
             adapter onto a model whose input embedding has another number of rows raises a `ValueError`.
@@ -90,6 +96,11 @@ class AoTPTuningConfig(PeftConfig):
     kronecker_rank: int = field(
         default=16, metadata={"help": "Rank r of each Kronecker factor (>= 1); only with 'kronecker'."}
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "Start the last factor of each reparametrization at zero (identity adapter); False draws "
+                          "it from N(0, 0.02^2) (for tests)."},
+    )
     save_collapsed: bool = field(
         default=False,
         metadata={"help": "Save the collapsed |V| x d tables instead of the reparametrization weights."},
@@ -117,6 +128,8 @@ class AoTPTuningConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"`init_weights` must be True or False, got {self.init_weights!r}.")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise ValueError(f"`vocab_size` must be None or an integer >= 1, got {self.vocab_size!r}.")
         if isinstance(self.target_modules, list):

@@ -15,45 +15,67 @@ from .config import AoTPTuningConfig
 from .layer import AoTPTuningLayer, AoTTokenIds
 
 # Where transformers keeps its Transformer layers: BERT/RoBERTa/DeBERTa `encoder.layer`, Llama `model.layers`,
-# GPT-2 `transformer.h`, T5 `block`, others `blocks`.
+# GPT-2 `transformer.h`, T5 `encoder.block` and `decoder.block`, others `blocks`.
 LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def find_layers_pattern(model: nn.Module) -> str:
     """A regex that matches the names of the model's Transformer layers, e.g. ``roberta\\.encoder\\.layer\\.\\d+``.
 
-    Looks for the `nn.ModuleList` named one of `LAYER_LIST_NAMES` with as many entries as the model config's
-    `num_hidden_layers`.
+    The layers are the entries of the outermost `nn.ModuleList`s named one of `LAYER_LIST_NAMES`: one list in an
+    encoder-only or decoder-only model, two in an encoder-decoder (`config.is_encoder_decoder`: its encoder's and
+    its decoder's).
 
     Raises:
-        ValueError: no such list, or more than one.
+        ValueError: not as many such lists as expected.
     """
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    candidates = [
+    lists = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and name.rpartition(".")[2] in LAYER_LIST_NAMES
-        and (num_layers is None or len(module) == num_layers)
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] in LAYER_LIST_NAMES
     ]
-    if len(candidates) != 1:
-        found = f"found several: {candidates}" if candidates else "found none"
+    outermost = [name for name in lists if not any(name.startswith(other + ".") for other in lists)]
+    expected = 2 if _is_encoder_decoder(model) else 1
+    if len(outermost) != expected:
+        found = f"found {outermost}" if outermost else "found none"
         raise ValueError(
-            f"AoT P-Tuning could not find the Transformer layers of {type(model).__name__}: it looked for one "
-            f"`nn.ModuleList` named one of {list(LAYER_LIST_NAMES)} with {num_layers} entries "
-            f"(config.num_hidden_layers) and {found}. Pass `target_modules` with the layers' names or a regex."
+            f"AoT P-Tuning could not find the Transformer layers of {type(model).__name__}: it looked for "
+            f"{'two (encoder and decoder)' if expected == 2 else 'one'} outermost `nn.ModuleList` named one of "
+            f"{list(LAYER_LIST_NAMES)} and {found}. Pass `target_modules` with the layers' names or a regex."
         )
-    return rf"{re.escape(candidates[0])}\.\d+"
+    return "|".join(rf"{re.escape(name)}\.\d+" for name in outermost)
 
 
-def _input_embedding(model: nn.Module) -> nn.Embedding:
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+def _input_embedding(module: nn.Module) -> nn.Embedding:
+    embedding = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(
             f"AoT P-Tuning needs a model whose `get_input_embeddings()` returns an `nn.Embedding` (the token ids are "
-            f"taken from its input), got {type(embedding).__name__} from {type(model).__name__}."
+            f"taken from its input), got {type(embedding).__name__} from {type(module).__name__}."
         )
     return embedding
+
+
+def _stacks(model: nn.Module) -> dict[str, nn.Module]:
+    """The stacks of layers, by module path, each with its own input embedding and token ids: the model itself
+    (path ``""``), or an encoder-decoder's encoder and decoder."""
+    if not _is_encoder_decoder(model):
+        return {"": model}
+    paths = {id(module): name for name, module in model.named_modules()}
+    stacks = {}
+    for getter in ("get_encoder", "get_decoder"):
+        stack = getattr(model, getter)() if hasattr(model, getter) else None
+        if id(stack) not in paths:
+            raise ValueError(
+                f"AoT P-Tuning on the encoder-decoder {type(model).__name__} needs `{getter}()` to return its "
+                f"{getter[4:]} (a submodule with its own input embedding), got {type(stack).__name__}."
+            )
+        stacks[paths[id(stack)]] = stack
+    return stacks
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):
@@ -85,18 +107,21 @@ def _route_by_adapter(wrapper: ModulesToSaveWrapper, adapter_names: list[str], h
 class AoTPTuningModel(BaseTuner):
     """Adds AoT P-Tuning biases ``H_l <- H_l + P_l[x]`` before every Transformer layer of a model (paper Fig. 2).
 
-    Built by `peft.get_peft_model(model, AoTPTuningConfig(...))` once `hf_ext` is imported. The token ids are
-    taken from the model's input embedding (a forward pre-hook), so the model must be called with `input_ids`;
-    under `generate()` with a KV cache each new position uses its own id.
+    Built by `peft.get_peft_model(model, AoTPTuningConfig(...))` once `hf_ext` is imported, for encoder-only,
+    decoder-only and encoder-decoder models. The token ids are taken from the input embedding of each layer's stack
+    (a forward pre-hook: the model's, or an encoder-decoder's encoder's and decoder's), so the model must be called
+    with `input_ids`; under `generate()` with a KV cache each new position uses its own id. The ids are held for
+    the forward pass in progress, so one model serves one forward pass at a time (not several threads at once).
 
     Several adapters can serve one batch: pass `adapter_names=[name_per_example]` (`"__base__"` for none) to
     the `PeftModel`'s forward or `generate`, as with LoRA. Heads trained through `modules_to_save` follow the
     same per-example choice. Like PEFT's own mixed-batch hooks, this re-routes shared modules for the length of
-    the call (undone in a `finally`), so one model must not serve mixed-batch calls from several threads at once.
+    the call (undone in a `finally`).
 
     For inference call `collapse()`: each layer then holds ``P_l`` as a table and costs one gather and one add.
-    Tables are dropped again when the model is put in training mode. AoT biases depend on the token ids, so
-    they cannot be merged into the weights: `merge_and_unload()` raises, `unload()` returns the base model.
+    A collapsed model is for inference only (see `collapse()` for the rules); `uncollapse()` drops the tables. AoT
+    biases depend on the token ids, so they cannot be merged into the weights: `merge_and_unload()` raises,
+    `unload()` returns the base model.
 
     Args:
         model: a transformers model with `get_input_embeddings()` and a list of Transformer layers.
@@ -127,19 +152,34 @@ class AoTPTuningModel(BaseTuner):
 
     def _prepare_model(self, peft_config: AoTPTuningConfig, model: nn.Module) -> None:
         """Check the vocabulary, find the layers and install the token-id hooks, before any module is replaced."""
-        embedding = _input_embedding(model)
+        stacks = _stacks(model)
+        embeddings = {path: _input_embedding(stack) for path, stack in stacks.items()}
         if peft_config.vocab_size is None:
-            peft_config.vocab_size = embedding.num_embeddings
-        elif peft_config.vocab_size != embedding.num_embeddings:
-            raise ValueError(
-                f"The AoT P-Tuning adapter has tables of `vocab_size`={peft_config.vocab_size} rows, but the model's "
-                f"input embedding has {embedding.num_embeddings} rows: the adapter was trained for another vocabulary."
-            )
+            peft_config.vocab_size = _input_embedding(model).num_embeddings
+        for path, embedding in embeddings.items():
+            if embedding.num_embeddings != peft_config.vocab_size:
+                where = f"the input embedding of `{path}`" if path else "the model's input embedding"
+                raise ValueError(
+                    f"The AoT P-Tuning adapter has tables of `vocab_size`={peft_config.vocab_size} rows, but {where} "
+                    f"has {embedding.num_embeddings} rows: the adapter was trained for another vocabulary."
+                )
         if peft_config.target_modules is None:
             peft_config.target_modules = find_layers_pattern(model)
         if "_aot_token_ids" not in self.__dict__:
-            self._aot_token_ids = AoTTokenIds(embedding, peft_config.vocab_size)  # every adapter has this size
-            self._aot_token_ids.install(model)
+            self._aot_token_ids: dict[str, AoTTokenIds] = {}  # stack path -> its ids; every adapter has this size
+            for path, stack in stacks.items():
+                self._aot_token_ids[path] = AoTTokenIds(embeddings[path], peft_config.vocab_size)
+                self._aot_token_ids[path].install(stack)
+
+    def _token_ids_of(self, layer_name: str) -> AoTTokenIds:
+        """The token ids of the stack that the layer named `layer_name` belongs to."""
+        for path, token_ids in self._aot_token_ids.items():
+            if not path or layer_name.startswith(path + "."):
+                return token_ids
+        raise ValueError(
+            f"`target_modules` matched {layer_name!r}, which is in neither stack of this encoder-decoder "
+            f"({list(self._aot_token_ids)}): AoT P-Tuning adds biases chosen by the token ids of the layer's stack."
+        )
 
     def _create_and_replace(
         self,
@@ -155,7 +195,7 @@ class AoTPTuningModel(BaseTuner):
         if isinstance(target, AoTPTuningLayer):
             target.update_layer(adapter_name, peft_config, hidden_size)
             return
-        new_module = AoTPTuningLayer(target, self._aot_token_ids)
+        new_module = AoTPTuningLayer(target, self._token_ids_of(current_key))
         new_module.update_layer(adapter_name, peft_config, hidden_size)
         self._replace_module(parent, target_name, new_module, target)
 
@@ -170,21 +210,50 @@ class AoTPTuningModel(BaseTuner):
     def collapse(self, adapter_names: list[str] | None = None) -> None:
         """Compute every layer's table ``P_l`` once for inference (all adapters if `adapter_names` is None).
 
-        The model must be in eval mode (`model.eval()`): putting it back in training mode drops the tables. They
-        serve forward passes that need no gradient for the adapter (under `torch.no_grad()`/`inference_mode()`, or
-        with a frozen adapter as loaded by `PeftModel.from_pretrained`); a layer drops its table once a weight it
-        came from changes in place, so a table is never stale.
+        A collapsed model is for inference:
+
+        - `collapse()` needs eval mode (`model.eval()`), and `model.train()` raises while a table is collapsed;
+          call `uncollapse()` first.
+        - A forward pass that records gradients for a collapsed adapter's weights raises: run inference under
+          `torch.no_grad()` or `torch.inference_mode()` (`generate()` does), or load the adapter frozen
+          (`PeftModel.from_pretrained` does).
+        - The tables are a snapshot: after changing the weights in place (`load_state_dict`, loading an adapter
+          under the same name, resizing the input embedding of an FC adapter), call `collapse()` again.
+
+        A `reparametrization="none"` adapter is a table already and is looked up as it is.
         """
         if self.training:
             raise ValueError("`collapse()` is for inference: call `model.eval()` first.")
-        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
-        unknown = sorted(set(names) - set(self.peft_config))
-        if unknown:
-            raise ValueError(f"`adapter_names` contains unknown adapters {unknown}; known: {sorted(self.peft_config)}.")
+        names = self._known_adapters(adapter_names)
         for layer in self._aot_layers():
             for name in names:
                 if name in layer.aot_reparam:
                     layer.collapse(name)
+
+    def uncollapse(self, adapter_names: list[str] | None = None) -> None:
+        """Drop the tables `collapse()` computed (all adapters if `adapter_names` is None): the reparametrizations
+        run again, and the model can be trained."""
+        names = self._known_adapters(adapter_names)
+        for layer in self._aot_layers():
+            for name in names:
+                if name in layer.aot_reparam:
+                    layer.uncollapse(name)
+
+    def _known_adapters(self, adapter_names: list[str] | None) -> list[str]:
+        names = list(self.peft_config) if adapter_names is None else list(adapter_names)
+        unknown = sorted(set(names) - set(self.peft_config))
+        if unknown:
+            raise ValueError(f"`adapter_names` contains unknown adapters {unknown}; known: {sorted(self.peft_config)}.")
+        return names
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, refused while tables are collapsed (a collapsed model is for inference)."""
+        if mode and any(layer.is_collapsed() for layer in self._aot_layers()):
+            raise ValueError(
+                "The AoT P-Tuning tables are collapsed for inference (`collapse()`); call `uncollapse()` before "
+                "training."
+            )
+        return super().train(mode)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -253,7 +322,8 @@ class AoTPTuningModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
-        self._aot_token_ids.remove()
+        for token_ids in self._aot_token_ids.values():
+            token_ids.remove()
         return model
 
 

@@ -33,7 +33,6 @@ from hf_ext.models.based.modeling_based import (  # noqa: E402
 )
 
 
-
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -64,7 +63,7 @@ def check_training_form(feature_map: str) -> dict[str, float]:
         results[name] = [out.detach()] + [x.grad for x in leaves]
     fla_out, torch_out = results["fla"], results["torch"]
     return {"output": max_diff(fla_out[0], torch_out[0])} | {
-        f"grad_{n}": relative_diff(a, b) for n, a, b in zip("qkv", fla_out[1:], torch_out[1:])
+        f"grad_{n}": relative_diff(a, b) for n, a, b in zip("qkv", fla_out[1:], torch_out[1:], strict=True)
     }
 
 

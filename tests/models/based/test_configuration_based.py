@@ -1,6 +1,10 @@
 """BasedConfig: presets, save/load, the cache layout it implies, and its errors."""
 
+import json
+import re
+
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig
 from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer, LinearAttentionLayer
 
@@ -42,18 +46,35 @@ def test_dynamic_cache_layout_follows_layer_types():
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "kwargs, validator, message",
     [
-        (dict(feature_dim=0), "feature_dim"),
-        (dict(feature_map="softmax"), "feature_map"),
-        (dict(feature_norm="batch"), "feature_norm"),
-        (dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]), "layer_types"),
-        (dict(sliding_window=0), "sliding_window"),
-        (dict(hidden_size=100, num_attention_heads=16), "hidden_size"),
-        (dict(num_hidden_layers=3, layer_types=["conv", "linear_attention"]), "layer_types"),
-        (dict(chunk_size=-1), "chunk_size"),
+        (dict(feature_dim=0), "validate_sizes", "`feature_dim` must be a positive integer, got 0."),
+        (dict(chunk_size=-1), "validate_sizes", "`chunk_size` must be a positive integer, got -1."),
+        (dict(hidden_size=100, num_attention_heads=16), "validate_sizes",
+         "`hidden_size` (100) must be divisible by `num_attention_heads` (16)."),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "validate_sizes",
+         "`num_attention_heads` (4) must be divisible by `num_key_value_heads` (3)."),
+        (dict(feature_map="softmax"), "validate_mixers", "`feature_map` must be one of ['rebased', 'taylor'], got 'softmax'."),
+        (dict(feature_norm="batch"), "validate_mixers", "`feature_norm` must be one of ['joint', 'per_head'], got 'batch'."),
+        (dict(num_hidden_layers=2, layer_types=["conv", "full_attention"]), "validate_mixers",
+         "`layer_types` contains unknown types ['full_attention']; allowed: ['linear_attention', 'sliding_attention', 'conv']."),
+        (dict(sliding_window=0), "validate_mixers", "`sliding_window` must be a positive integer, got 0."),
+        (dict(linear_attention_eps=-1.0), "validate_mixers", "`linear_attention_eps` must be >= 0, got -1.0."),
+        # transformers' own check of `layer_types`
+        (dict(num_hidden_layers=3, layer_types=["conv", "linear_attention"]), "validate_layer_type",
+         "`num_hidden_layers` (3) must be equal to the number of `layer_types` (2)"),
     ],
 )
-def test_invalid_values_raise_value_error_naming_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=f"`{field}`"):
+def test_invalid_values_raise_strict_validation_errors(kwargs, validator, message):
+    # As in transformers' own configs, `@strict` runs the `validate_*` methods and wraps their ValueError.
+    expected = f"Class validation error for validator '{validator}':\n    ValueError: {message}"
+    with pytest.raises(StrictDataclassClassValidationError, match=re.escape(expected)):
         BasedConfig(**kwargs)
+
+
+def test_invalid_values_in_a_saved_config_raise_on_load(tmp_path):
+    BasedConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2).save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "feature_map": "softmax"}))
+    with pytest.raises(StrictDataclassClassValidationError, match="`feature_map` must be one of"):
+        AutoConfig.from_pretrained(tmp_path)

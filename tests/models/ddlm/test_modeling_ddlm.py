@@ -1,10 +1,13 @@
 """DDLMConfig / DDLMModel: noising, score interpolation, loss, time warp, self-conditioning, save/load."""
 
 import math
+import re
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from hf_ext import DDLMConfig, DDLMModel
 from hf_ext.models.ddlm.modeling_ddlm import DDLMTimeWarp, draw_conditioning_mask
@@ -22,8 +25,24 @@ def model():
     return DDLMModel(tiny_config()).eval()
 
 
-def _reference_logits(model, input_ids, sigma, noise, self_conditioning=None, conditioning_mask=None):
-    """Plain re-statement of CDCD's forward: normalize, noise, scale by 1/sqrt(sigma^2+1), run the blocks."""
+def _reference_attention(attn, x, key_mask=None):
+    """Plain softmax(q k^T / sqrt(d_head)) v over the unpadded keys, then the output projection.
+
+    Returns `(B, T, h)` and the `(B, nh, T, T)` weights."""
+    B, T, C = x.shape
+    q, k, v = attn.qkv_proj(x).view(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+    weights = scores.softmax(-1)
+    return attn.o_proj((weights @ v).transpose(1, 2).reshape(B, T, C)), weights
+
+
+def _reference(model, input_ids, sigma, noise, self_conditioning=None, conditioning_mask=None, attention_mask=None):
+    """Plain re-statement of CDCD's forward: normalize, noise, scale by 1/sqrt(sigma^2+1), run pre-norm blocks.
+
+    Returns (logits, hidden states [block input, each block's output, the last one after the final norm],
+    attention weights per block)."""
     B, T = input_ids.shape
     weight = model.embed_tokens.weight
     clean = weight[input_ids] / weight[input_ids].norm(dim=-1, keepdim=True) * math.sqrt(weight.shape[1])
@@ -33,9 +52,19 @@ def _reference_logits(model, input_ids, sigma, noise, self_conditioning=None, co
     sc = torch.zeros_like(noisy) if self_conditioning is None else self_conditioning
     h = (model.input_proj(torch.cat([scaled, sc], -1)) + model.position_embeddings.weight[:T]
          + model.conditioning_embeddings.weight[mask.long()] + model.time_embedding(sigma)[:, None])
+    hidden_states, attentions = [h], []
     for layer in model.layers:
-        h = layer(h, None)
-    return model.lm_head(model.norm(h))
+        attn_out, weights = _reference_attention(layer.attn, layer.attn_norm(h), attention_mask)
+        h = h + attn_out
+        h = h + layer.mlp(layer.mlp_norm(h))
+        hidden_states.append(h)
+        attentions.append(weights)
+    hidden_states[-1] = model.norm(h)
+    return model.lm_head(hidden_states[-1]), hidden_states, attentions
+
+
+def _reference_logits(model, input_ids, sigma, noise, self_conditioning=None, conditioning_mask=None):
+    return _reference(model, input_ids, sigma, noise, self_conditioning, conditioning_mask)[0]
 
 
 def test_config_round_trip_and_errors(tmp_path):
@@ -43,15 +72,22 @@ def test_config_round_trip_and_errors(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = DDLMConfig.from_pretrained(tmp_path)
     assert (loaded.sigma_min, loaded.sigma_max, loaded.model_type) == (0.5, 20.0, "ddlm")
-    with pytest.raises(ValueError, match="sigma_min"):
+
+    # `@strict` runs the `validate_*` methods and raises its own error around theirs, as for transformers' configs
+    def raises(validator, message):
+        return pytest.raises(
+            StrictDataclassClassValidationError, match=re.escape(f"'{validator}':\n    ValueError: {message}")
+        )
+
+    with raises("validate_noise_range", "`sigma_min` must be > 0 and < `sigma_max`, got sigma_min=10.0, sigma_max=10.0."):
         tiny_config(sigma_min=10.0, sigma_max=10.0)
-    with pytest.raises(ValueError, match="self_conditioning_rate"):
+    with raises("validate_rates", "`self_conditioning_rate` must be in [0, 1], got 1.5."):
         tiny_config(self_conditioning_rate=1.5)
-    with pytest.raises(ValueError, match="num_attention_heads"):
+    with raises("validate_architecture", "`hidden_size` (30) must be divisible by `num_attention_heads` (4)."):
         tiny_config(hidden_size=30, num_attention_heads=4)
-    with pytest.raises(ValueError, match="time_warp_bins"):
+    with raises("validate_architecture", "`time_warp_bins` must be >= 1, got 0."):
         tiny_config(time_warp_bins=0)
-    with pytest.raises(ValueError, match=r"`prefix_mask_rate` \+ `span_mask_rate` must be <= 1, got 0.6 \+ 0.5"):
+    with raises("validate_rates", "`prefix_mask_rate` + `span_mask_rate` must be <= 1, got 0.6 + 0.5"):
         tiny_config(prefix_mask_rate=0.6, span_mask_rate=0.5)
 
 
@@ -168,18 +204,143 @@ def test_remote_code_reload_without_hf_ext(model):
     torch.testing.assert_close(outputs["logits"], expected.logits, rtol=0, atol=0)
 
 
-def test_trainer_step_changes_parameters(tmp_path):
+def _padded_batch(seed=0):
+    """Inputs of a 2-layer model: 3 sequences of 7 tokens, the last two padded, fixed noise."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (3, 7), generator=generator)
+    attention_mask = torch.ones(3, 7, dtype=torch.long)
+    attention_mask[1, 5:] = 0
+    attention_mask[2, 3:] = 0
+    return dict(input_ids=ids, attention_mask=attention_mask, sigma=torch.tensor([1.0, 3.0, 9.0]),
+                noise=torch.randn(3, 7, 8, generator=generator))
+
+
+def test_output_hidden_states_and_attentions_match_reference():
+    model = DDLMModel(tiny_config(num_hidden_layers=2)).eval()
+    model.set_attn_implementation("eager")  # attention weights come from the eager implementation, as in transformers
+    inputs = _padded_batch()
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        logits, hidden_states, attentions = _reference(model, inputs["input_ids"], inputs["sigma"], inputs["noise"],
+                                                       attention_mask=inputs["attention_mask"])
+    torch.testing.assert_close(out.logits, logits)
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    for got, expected in zip(out.hidden_states, hidden_states, strict=True):
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(out.attentions, attentions, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert (out.attentions[0][2, :, :, 3:] == 0).all()  # padded keys get no weight
+    # the same from the config, and as a tuple: hidden states and attentions come last, in transformers' order
+    model.config.output_hidden_states = model.config.output_attentions = True
+    with torch.no_grad():
+        as_tuple = model(**inputs, return_dict=False)
+    assert len(as_tuple) == 6  # logits, x0_hat, sigma, conditioning_mask, hidden_states, attentions
+    torch.testing.assert_close(as_tuple[0], logits)
+    torch.testing.assert_close(as_tuple[-2][-1], hidden_states[-1])
+    torch.testing.assert_close(as_tuple[-1][1], attentions[1])
+
+
+def test_hidden_states_come_from_the_self_conditioned_pass():
+    model = DDLMModel(tiny_config(num_hidden_layers=2, self_conditioning_rate=1.0)).train()
+    inputs = {k: v for k, v in _padded_batch().items() if k != "attention_mask"}
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    out = model(**inputs, conditioning_mask=mask, output_hidden_states=True)
+    first = _reference_logits(model, inputs["input_ids"], inputs["sigma"], inputs["noise"]).softmax(-1)
+    self_conditioning = (first @ model.embedding_matrix()).detach()
+    _, hidden_states, _ = _reference(model, inputs["input_ids"], inputs["sigma"], inputs["noise"], self_conditioning)
+    assert len(out.hidden_states) == 3  # the gradient-free first pass is not recorded
+    for got, expected in zip(out.hidden_states, hidden_states, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def _loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs, labels=inputs["input_ids"], conditioning_mask=torch.zeros(3, 7, dtype=torch.bool),
+                self_conditioning=torch.zeros(3, 7, 8))
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_sdpa_matches_eager_outputs_and_gradients():
+    """SDPA and eager attention: same logits and same parameter gradients, to 1e-5 in float32."""
+    torch.manual_seed(0)
+    sdpa = DDLMModel(tiny_config(num_hidden_layers=2)).train()
+    sdpa.set_attn_implementation("sdpa")
+    eager = DDLMModel(tiny_config(num_hidden_layers=2)).train()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    inputs = _padded_batch()
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as spy:
+        out_sdpa, grads_sdpa = _loss_and_grads(sdpa, inputs)
+        assert spy.call_count == 2  # one call per block: the SDPA path really ran
+        out_eager, grads_eager = _loss_and_grads(eager, inputs)
+        assert spy.call_count == 2  # and the eager one did not
+    torch.testing.assert_close(out_sdpa.logits, out_eager.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_sdpa.loss, out_eager.loss, atol=1e-5, rtol=1e-5)
+    assert grads_sdpa.keys() == grads_eager.keys() and "layers.1.attn.qkv_proj.weight" in grads_sdpa
+    for name in grads_sdpa:
+        torch.testing.assert_close(grads_sdpa[name], grads_eager[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sdpa_matches_eager_in_bfloat16():
+    """bfloat16 logits of the two implementations agree to transformers' common-test tolerance (rtol 1e-2, atol
+    3e-2 times the largest logit)."""
+    torch.manual_seed(0)
+    sdpa = DDLMModel(tiny_config(num_hidden_layers=2)).to(torch.bfloat16).eval()
+    sdpa.set_attn_implementation("sdpa")
+    eager = DDLMModel(tiny_config(num_hidden_layers=2)).to(torch.bfloat16).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    inputs = {**_padded_batch(), "noise": _padded_batch()["noise"].bfloat16()}
+    with torch.no_grad():
+        logits_sdpa, logits_eager = sdpa(**inputs).logits, eager(**inputs).logits
+    assert logits_sdpa.dtype == torch.bfloat16
+    atol = 3e-2 * logits_eager.abs().max().item()
+    torch.testing.assert_close(logits_sdpa, logits_eager, atol=atol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_gradients(attn_implementation, use_reentrant):
+    """With activation checkpointing each block runs twice (forward, then again in backward) and the gradients are
+    those of the plain run (to 1e-6 in float32)."""
+    model = DDLMModel(tiny_config(num_hidden_layers=2)).train()
+    model.set_attn_implementation(attn_implementation)
+    inputs = _padded_batch()
+    block_runs = []  # a pre-hook on each block's first module (non-reentrant recomputation may stop before the end)
+    for layer in model.layers:
+        layer.attn_norm.register_forward_pre_hook(lambda *_: block_runs.append(1))
+    out_plain, grads_plain = _loss_and_grads(model, inputs)
+    assert len(block_runs) == 2
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    out_ckpt, grads_ckpt = _loss_and_grads(model, inputs)
+    assert len(block_runs) == 2 + 4  # each block recomputed once in backward
+    torch.testing.assert_close(out_ckpt.loss, out_plain.loss, atol=1e-6, rtol=0)
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_trainer_with_activation_checkpointing_changes_parameters(tmp_path):
     from datasets import Dataset
     from transformers import AutoModel, Trainer, TrainingArguments
 
-    model = AutoModel.from_config(tiny_config())  # registered by `import hf_ext`
+    model = AutoModel.from_config(tiny_config(self_conditioning_rate=0.0))  # registered by `import hf_ext`
     assert isinstance(model, DDLMModel)
     ids = torch.randint(0, 40, (8, 8))
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no")
-    Trainer(model=model, args=args, train_dataset=dataset).train()
+                             report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+                             activation_checkpointing=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    # the loss is not a plain token mean, so Trainer scales it for accumulation itself (no `num_items_in_batch`)
+    assert trainer.model_accepts_loss_kwargs is False
+    block_runs = []
+    model.layers[0].attn_norm.register_forward_pre_hook(lambda *_: block_runs.append(1))
+    trainer.train()
+    assert model.is_activation_checkpointing
+    assert len(block_runs) == 2 * 2  # per step: the checkpointed forward, then its recomputation in backward
     after = model.state_dict()
     for name in ("lm_head.weight", "embed_tokens.weight", "time_warp.logits", "time_warp.bias"):
         assert not torch.equal(before[name], after[name]), name
