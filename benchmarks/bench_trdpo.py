@@ -79,7 +79,7 @@ def run(name, args, model, tokenizer, data):
         learning_rate=1e-4,
         bf16=False,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=args.max_length,
         save_strategy="no",
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
             "TR-DPO soft": lambda: ours.update(args.alpha, measure=False),
             "TR-DPO soft, logging step": lambda: ours.update(args.alpha),
             "TR-DPO hard": lambda: ours.update(1.0, measure=False),
-            "TRL sync_ref_model": lambda: SyncRefModelCallback._sync_target_model(trl_policy, trl_ref, args.alpha),
+            "TRL sync_ref_model": lambda: SyncRefModelCallback.sync_target_model(trl_policy, trl_ref, args.alpha),
         },
         args.update_repeats,
     )

@@ -16,13 +16,14 @@ recipe down (40 steps, α = 0.6, τ = 8) and reports the known reward of sampled
 after training. Flags given explicitly still win over these defaults.
 """
 
+import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from hf_ext import TRDPOConfig, TRDPOTrainer, save_model_card
+from hf_ext import TRDPOConfig, TRDPOTrainer
 
 PAPER_DEFAULTS = dict(
     model_name_or_path="EleutherAI/pythia-2.8b",
@@ -54,7 +55,7 @@ TINY_DEFAULTS = dict(
     per_device_train_batch_size=8,
     gradient_accumulation_steps=1,
     logging_steps=10,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     bf16=False,
     use_cpu=not torch.cuda.is_available(),
     report_to="none",
@@ -76,18 +77,19 @@ def make_parser(tiny: bool) -> TrlParser:
 
 
 def load_real(script_args, model_args, training_args):
-    """Pythia and Anthropic HH from the Hub (HH rows are `chosen`/`rejected` dialogues; TRL extracts the prompt)."""
+    """Pythia (by id: the trainer loads it and its reference with `model_init_kwargs`, as TRL's `dpo.py` does) and
+    Anthropic HH from the Hub (HH rows are `chosen`/`rejected` dialogues; TRL extracts the prompt)."""
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    training_args.model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
     data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     eval_data = data[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
-    return model, tokenizer, data[script_args.dataset_train_split], eval_data
+    return model_args.model_name_or_path, None, data[script_args.dataset_train_split], eval_data
 
 
 def load_tiny(training_args):
@@ -139,17 +141,10 @@ def main(argv=None) -> dict:
     )
     trainer.train()
     trainer.save_model(training_args.output_dir)
-    save_model_card(
-        training_args.output_dir,
-        "trdpo",
-        base_model=None if tiny else model_args.model_name_or_path,
-        model_name=training_args.output_dir,
-        ref_update=training_args.ref_update,
-        alpha=training_args.alpha,
-        tau=training_args.tau,
-        beta=training_args.beta,
-        loss_type=", ".join(training_args.loss_type),
-        dataset=None if tiny else script_args.dataset_name,
+    # TRL's model card: names TR-DPO and cites its paper, tags trl / dpo / tr-dpo (`push_to_hub` writes it too)
+    trainer.create_model_card(
+        model_name=os.path.basename(training_args.output_dir.rstrip("/")),
+        dataset_name=None if tiny else script_args.dataset_name,
     )
 
     logs = [log for log in trainer.state.log_history if "ref/distance" in log]

@@ -60,6 +60,27 @@ def get_tiny_tokenizer(padding_side: str = "right"):
     return tokenizer
 
 
+def get_tiny_bpe_tokenizer(padding_side: str = "right"):
+    """A byte-level BPE fast tokenizer (the kind GPT-2, Llama 3 and Qwen ship) trained in code on the built-in corpus.
+
+    Unlike :func:`get_tiny_tokenizer` it encodes any text (byte-level: nothing becomes ``<unk>``), and transformers
+    loads it faithfully under the tokenizer classes of those families (``Qwen2Tokenizer`` rebuilds a byte-level BPE
+    from a saved vocabulary and merges). Same special tokens (ids 0-4) and chat template; about 510 tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(tiny_corpus() + _FILLER, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **SPECIAL_TOKENS)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
 def _tiny_common(tokenizer=None) -> dict:
     tokenizer = tokenizer or get_tiny_tokenizer()
     return dict(
@@ -93,6 +114,39 @@ def tiny_llama(seed: int = 0, tokenizer=None, **overrides):
     config = _tiny_config(LlamaConfig, sizes, tokenizer, overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+# Sizes of `tiny_causal_lm` beyond its common ones (hidden 16, 2 layers, 4 heads, 2 KV heads, head_dim 4):
+# the fields each architecture sizes differently (experts, layer patterns, state-space heads).
+_TINY_CAUSAL_LM_SIZES = {
+    "cohere2": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    "glm4_moe": dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                     n_group=1, topk_group=1),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=16, max_position_embeddings=4096),  # its YaRN rope expects 4096 positions
+    "qwen3_moe": dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2),
+    "nemotron_h": dict(hybrid_override_pattern="M*", mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1,
+                       mamba_d_conv=4, chunk_size=16),
+    "lfm2": dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False, conv_L_cache=3),
+    "olmo3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+}
+
+
+def tiny_causal_lm(model_type: str, seed: int = 0, tokenizer=None, **overrides):
+    """A random 2-layer causal LM of any transformers architecture (hidden 16, 4 heads), for tests of code that
+    must work across architectures (MoE experts, hybrid attention/convolution/state-space layers).
+
+    ``model_type`` is the config's (``"qwen2"``, ``"gpt_oss"``, ``"qwen3_moe"``, ``"lfm2"``, ...); architectures
+    with experts or layer patterns get the small sizes in ``_TINY_CAUSAL_LM_SIZES``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=4, max_position_embeddings=128)
+    sizes.update(_TINY_CAUSAL_LM_SIZES.get(model_type, {}))
+    config = AutoConfig.for_model(model_type, **{**sizes, **_tiny_common(tokenizer), **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def tiny_roberta(seed: int = 0, tokenizer=None, num_labels: int = 2, **overrides):

@@ -111,7 +111,7 @@ def run(ctx: DemoContext) -> SectionResult:
         beta=0.5,
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=24,
         logging_steps=_STEPS,

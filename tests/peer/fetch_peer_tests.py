@@ -128,7 +128,12 @@ SUITES: dict[str, Suite] = {
         sdist_files={},
         repo="huggingface/trl",
         commit="f2cd57710ae345ea6428ae95363267fcf38a3dc8",
-        repo_files={},
+        repo_files={
+            "tests/__init__.py": "575c2f27f11ee91a39f126cc5d0a8eec51befe3bc2a72ea4077d7fed6b65ebc0",
+            "tests/conftest.py": "a443a76d3816077613893cf25aaa9699a0ce623bfcf7b2df435a8336ff68cf66",
+            "tests/test_dpo_trainer.py": "eb4b27626abfe9dd4594fcaa003f9de36af3c5e59beeb90ae9b79ffd933b72cc",
+            "tests/testing_utils.py": "1786d0a83e6fe5c28e5f8f1daaab957ff1d7b4d624b42403fb33143eb04d0172",
+        },
     ),
     "diffusers": Suite(
         library="diffusers",

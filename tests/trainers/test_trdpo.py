@@ -1,4 +1,5 @@
-"""Tests for hf_ext.trainers.trdpo: config checks, TRL equivalence, LoRA delta mixing, fp32 masters, resume, DDP."""
+"""Tests for hf_ext.trainers.trdpo: config checks, construction as DPOTrainer, TRL equivalence, LoRA delta mixing
+(parameter-targeted LoRA too), fp32 masters, the model card, resume, DDP."""
 
 import copy
 import os
@@ -11,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_ext._compat.trl import reference_adapter_name
 from hf_ext.data.preference import preference_dataset
-from hf_ext.testing import get_tiny_tokenizer, tiny_gpt2
+from hf_ext.testing import get_tiny_tokenizer, lay_out_as_hub_repo, tiny_causal_lm, tiny_gpt2
 from hf_ext.trainers.trdpo import (
-    REF_ADAPTER,
     REFERENCE_FILE,
     TRDPOConfig,
     TRDPOTrainer,
@@ -25,12 +26,22 @@ from hf_ext.trainers.trdpo import (
     pair_parameters,
 )
 
+REF_ADAPTER = reference_adapter_name()
+
+# TRL 1.16's DPO loss switches activation checkpointing off around the reference forward at every step
+# (trl/models/utils.py, `disable_gradient_checkpointing`) through `model.is_gradient_checkpointing` and
+# `gradient_checkpointing_disable/enable`, which transformers 5.25 deprecates: TRL's code, for DPOTrainer as for ours.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`(is_gradient_checkpointing|gradient_checkpointing_disable|gradient_checkpointing_enable)` is "
+    "deprecated:FutureWarning"
+)
+
 _COMMON = dict(
     per_device_train_batch_size=4,
     learning_rate=1e-2,
     bf16=False,
     use_cpu=True,
-    gradient_checkpointing=False,
+    activation_checkpointing=False,
     report_to="none",
     max_length=24,
     logging_steps=1,
@@ -95,6 +106,113 @@ def test_config_fields_documented_and_parsed_by_trlparser(tmp_path):
         ["--output_dir", str(tmp_path), "--ref_update", "hard", "--tau", "8", "--alpha", "0.25", "--use_cpu", "True"]
     )
     assert (args.ref_update, args.tau, args.alpha) == ("hard", 8, 0.25)
+
+
+def test_config_turns_activation_checkpointing_on_under_its_current_name(tmp_path):
+    # DPOConfig's default `gradient_checkpointing=True` warns (deprecated name) on every config; ours does not, and
+    # this module runs with FutureWarning as an error.
+    args = TRDPOConfig(str(tmp_path), use_cpu=True)
+    assert args.activation_checkpointing is True and args.gradient_checkpointing is True
+    assert TRDPOConfig(str(tmp_path), use_cpu=True, activation_checkpointing=False).gradient_checkpointing is False
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # the old name still wins
+        assert TRDPOConfig(str(tmp_path), use_cpu=True, gradient_checkpointing=False).activation_checkpointing is False
+
+
+# -------------------------------------------------------------------------------------- construction as DPOTrainer
+
+
+@pytest.fixture
+def hub_model(tmp_path, monkeypatch):
+    """A tiny GPT-2 and its tokenizer laid out as the Hub caches `hf-ext-testing/tiny-gpt2`, in a private cache."""
+    import huggingface_hub
+
+    folder = tmp_path / "saved"
+    tiny_gpt2().save_pretrained(folder)
+    get_tiny_tokenizer().save_pretrained(folder)
+    cache = tmp_path / "hub-cache"
+    lay_out_as_hub_repo(folder, "hf-ext-testing/tiny-gpt2", cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return "hf-ext-testing/tiny-gpt2"
+
+
+def _force_cpu(monkeypatch):
+    """What TRL's own tests do on a machine without GPU (tests/conftest.py there): `use_cpu=True` in every config."""
+    from trl import DPOConfig
+
+    post_init = DPOConfig.__post_init__
+
+    def on_cpu(self):
+        self.use_cpu = True
+        post_init(self)
+
+    monkeypatch.setattr(DPOConfig, "__post_init__", on_cpu)
+
+
+def test_without_args_builds_the_default_config_as_dpotrainer_does(hub_model, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    _force_cpu(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    data = preference_dataset(8)
+    ours = TRDPOTrainer(hub_model, train_dataset=data)
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # DPOConfig's own default
+        theirs = DPOTrainer(hub_model, train_dataset=data)
+    assert type(ours.args) is TRDPOConfig
+    assert (ours.args.output_dir, theirs.args.output_dir) == ("tiny-gpt2-TRDPO", "tiny-gpt2-DPO")
+    ours_dict, theirs_dict = ours.args.to_dict(), theirs.args.to_dict()
+    assert {k: ours_dict[k] for k in ("ref_update", "alpha", "tau", "ref_adapter_rank")} == {
+        "ref_update": "soft",
+        "alpha": 0.6,
+        "tau": 512,
+        "ref_adapter_rank": None,
+    }
+    differ = {k for k in theirs_dict if ours_dict[k] != theirs_dict[k]}
+    assert differ <= {"output_dir", "logging_dir"}, differ  # every DPOConfig default, checkpointing included
+    assert ours.ref_callback in ours.callback_handler.callbacks
+
+
+def test_model_id_loads_policy_and_reference_like_dpotrainer(hub_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    # model_init_kwargs reach the policy and the reference TRL loads from the same id, as with DPOTrainer
+    args = _config(tmp_path, max_steps=3, alpha=0.5, model_init_kwargs={"dtype": torch.bfloat16})
+    trainer = TRDPOTrainer(hub_model, args=args, train_dataset=preference_dataset(32))
+    checkpoint = load_file(str(next((tmp_path / "hub-cache").rglob("model.safetensors"))))
+    assert trainer.model.dtype == trainer.ref_model.dtype == torch.bfloat16
+    assert trainer.ref_model is not trainer.model
+    for name, param in trainer.ref_model.named_parameters():  # the reference starts as the checkpoint
+        assert torch.equal(param, checkpoint[name].to(torch.bfloat16))
+
+    class Replay(TrainerCallback):  # after the reference callback: the soft recursion in fp32
+        def __init__(self, policy):
+            self.policy = policy
+            self.expected = {n: p.detach().float() for n, p in policy.named_parameters()}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            for n, p in self.policy.named_parameters():
+                self.expected[n] = 0.5 * p.detach().float() + 0.5 * self.expected[n]
+
+    replay = Replay(trainer.model)
+    trainer.add_callback(replay)
+    trainer.train()
+    master = trainer.ref_callback.reference.master  # bf16 reference: the recursion runs on fp32 masters
+    for name, param in trainer.ref_model.named_parameters():
+        torch.testing.assert_close(master[name], replay.expected[name], rtol=0, atol=1e-6)
+        assert torch.equal(param, master[name].to(torch.bfloat16))
+    name = "transformer.h.0.mlp.c_fc.weight"
+    assert not torch.equal(master[name], checkpoint[name].float())  # it moved
+
+
+def test_model_card_is_trls_with_the_tr_dpo_paper(tmp_path):
+    trainer = _trainer(_config(tmp_path, max_steps=1))
+    assert {"trl", "dpo", "tr-dpo", "hf-ext"} <= set(trainer.model.model_tags)
+    trainer.create_model_card(model_name="tiny-trdpo")
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---")[1]
+    assert all(f"- {tag}" in header for tag in ("trl", "dpo", "tr-dpo", "hf-ext"))
+    assert "TR-DPO" in card and "https://huggingface.co/papers/2404.09656" in card
+    assert "Learn Your Reference Model for Real Good Alignment" in card and "gorbatovski2025learn" in card
 
 
 # ------------------------------------------------------------------------------------------------- pairing, errors
@@ -253,8 +371,6 @@ def test_update_distance_and_formula_on_plain_modules():
 
 
 def test_bf16_reference_keeps_small_alpha_steps_in_an_fp32_master():
-    from trl.trainer.callbacks import SyncRefModelCallback
-
     policy = torch.nn.Linear(8, 8).to(torch.bfloat16)
     with torch.no_grad():
         policy.weight.fill_(1.5)
@@ -267,7 +383,9 @@ def test_bf16_reference_keeps_small_alpha_steps_in_an_fp32_master():
     state, alpha, expected = _FullReference(policy, reference), 1e-3, torch.tensor(1.0)
     for _ in range(50):
         state.update(alpha)
-        SyncRefModelCallback._sync_target_model(policy, naive, alpha)  # TRL: the update in bf16
+        with torch.no_grad():  # TRL's SyncRefModelCallback update, in the stored dtype (bf16)
+            for target, source in zip(naive.parameters(), policy.parameters(), strict=True):
+                target.mul_(1.0 - alpha).add_(source, alpha=alpha)
         expected = (1 - alpha) * expected + alpha * 1.5  # plain fp32 recursion
     # bf16 spacing at 1.0 is 2^-7 = 0.0078, each step moves by 5e-4: rounded away without the master
     assert torch.equal(naive.weight, torch.ones_like(naive.weight, dtype=torch.bfloat16))
@@ -348,6 +466,80 @@ def test_lora_hard_update_copies_the_delta_and_truncation_is_logged(tmp_path):
     assert len(logs) == 2 and all(log["ref/truncation_error"] < 1e-5 for log in logs)
 
 
+def test_lora_on_moe_expert_parameters_mixes_each_experts_delta(tmp_path):
+    # LoraConfig(target_parameters=...) adapts the 3-d expert weights (E, ., .): PEFT's ParamWrapper stacks the
+    # experts' factors in one pair of linears. The reference must mix each expert's delta, exactly.
+    from peft import LoraConfig
+    from peft.tuners.lora import ParamWrapper
+    from transformers import TrainerCallback
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    trainer = _trainer(
+        _config(tmp_path, max_steps=3, alpha=0.5, ref_adapter_rank=8, learning_rate=0.1),
+        model=tiny_causal_lm("gpt_oss"),
+        peft_config=lora,
+    )
+    layers = [m for m in trainer.model.modules() if isinstance(m, ParamWrapper)]  # 2 layers x 2 nested wrappers
+    assert len(layers) == 4 and all(layer.num_experts == 4 for layer in layers)
+
+    class RecordDense(TrainerCallback):  # after the reference callback: the dense recursion per expert
+        def __init__(self):
+            self.exact = [torch.zeros_like(layer.get_delta_weight("default")) for layer in layers]
+            self.pairs = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                for i, layer in enumerate(layers):
+                    self.exact[i] = 0.5 * layer.get_delta_weight("default") + 0.5 * self.exact[i]
+                    self.pairs.append((layer.get_delta_weight(REF_ADAPTER).clone(), self.exact[i].clone()))
+
+    record = RecordDense()
+    trainer.add_callback(record)
+    trainer.train()
+    assert len(record.pairs) == 3 * len(layers)
+    for got, exact in record.pairs:  # (E, ., .) deltas; rank of each expert's mix <= 2 * (steps + 1) <= 8: exact
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-6)
+    assert all(torch.linalg.matrix_norm(exact).min() > 0 for exact in record.exact)  # every expert moved
+
+
+def test_lora_whose_delta_is_not_b_times_a_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ext.trainers.trdpo import _LoraReference
+
+    dora = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="`use_dora=True`: its delta is not B·A·s"):
+        _LoraReference(dora, None, "soft")
+
+    class GroupedConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, groups=2)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.warns(UserWarning, match="groups > 1"):  # PEFT's own warning: such an adapter cannot be merged
+        grouped = get_peft_model(GroupedConv(), LoraConfig(r=2, target_modules=["conv"]))
+    with pytest.raises(ValueError, match=r"LoRA layer `base_model\.model\.conv` adapts a convolution with groups=2"):
+        _LoraReference(grouped, None, "soft")
+
+
+def test_trl_loss_takes_the_reference_log_probs_from_the_moving_adapter(tmp_path):
+    # hf_ext._compat.trl.reference_adapter_name: DPOTrainer's loss runs the reference forward in that adapter
+    trainer = _lora_trainer(tmp_path, max_steps=2, ref_update="soft", alpha=0.5, learning_rate=0.1)
+    trainer.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    moved = trainer.compute_ref_log_probs(trainer.model, batch)
+    with torch.no_grad():
+        for module in trainer.model.modules():
+            if hasattr(module, "lora_B") and REF_ADAPTER in module.lora_B:
+                module.lora_B[REF_ADAPTER].weight.zero_()  # reference adapter switched off: the base model
+    base = trainer.compute_ref_log_probs(trainer.model, batch)
+    for m, b in zip(moved, base, strict=True):
+        assert not torch.allclose(m, b, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------- resume
 
 
@@ -386,38 +578,33 @@ def test_resume_without_saved_reference_raises(tmp_path):
 # ----------------------------------------------------------------------------------------------------- distributed
 
 
-def test_two_processes_hold_identical_references(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    worker = Path(__file__).with_name("trdpo_ddp_worker.py")
+def _run_two_processes(worker: str, *args: str, timeout: float = 240) -> None:
+    """Run ``worker`` under ``torch.distributed.run`` with 2 processes on this machine (gloo); fail with its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (it falls back to gloo)
     with socket.socket() as free:  # a free port for the rendezvous
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(worker),
-        str(tmp_path),
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(port), str(Path(__file__).with_name(worker)), *args]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _, stderr = proc.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:  # timed out: end the launcher and its two workers
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_hold_identical_references(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _run_two_processes("trdpo_ddp_worker.py", str(tmp_path))
     files = [tmp_path / f"reference_rank{rank}.safetensors" for rank in (0, 1)]
     with safe_open(str(files[0]), "pt") as f:
         assert f.metadata()["world_size"] == "2"
@@ -430,3 +617,46 @@ def test_two_processes_hold_identical_references(tmp_path):
     name = "transformer.h.0.mlp.c_fc.weight"
     assert not torch.equal(first[f"reference.{name}"], initial[name])
     assert not torch.equal(first[f"reference.{name}"], first[f"policy.{name}"])  # alpha < 1: it lags the policy
+
+
+def _needs(backend: str):
+    if backend == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (`pip install deepspeed` runs this test)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_sharded_reference_follows_the_soft_recursion(tmp_path, backend, kind):
+    # 2 processes, both models sharded as accelerate / TRL shard them (see trdpo_sharded_worker.py for why not
+    # through TRDPOTrainer on a CPU): after 3 steps the reference equals the single-process soft recursion replayed
+    # on the gathered policy, every rank logs the same distance, and the checkpoint file restores it bit for bit.
+    import json
+
+    _needs(backend)
+    _run_two_processes("trdpo_sharded_worker.py", backend, kind, str(tmp_path))
+    results = [json.loads((tmp_path / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1], results
+    result = results[0]
+    assert result["world_size"] == 2 and result["round_trip"]
+    assert result["max_error"] < 1e-6  # fp32 rounding of the mix
+    assert result["max_lag"] > 1e-4  # α < 1: the reference lags the policy, so the comparison is not vacuous
+    assert result["distances"][:2] == [None, None] and result["distances"][2] > 0  # measured on the logging step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_sharded_update_gathers_at_most_one_pair(tmp_path, backend):
+    # Peak RSS of each process during the reference update of a ~38M-parameter GPT-2 (145 MiB in fp32): FSDP2
+    # updates local shards (no gather), ZeRO-3 gathers one parameter pair at a time (largest: 2 x 4 MiB). Seen here:
+    # a rise of <= 0.3 MiB (FSDP2) and <= 36 MiB (ZeRO-3, with DeepSpeed's buffers), against ~200 MiB for gathering
+    # both whole models at once as TRL's SyncRefModelCallback does under ZeRO-3 (BENCHMARKS.md).
+    import json
+
+    _needs(backend)
+    _run_two_processes("trdpo_sharded_worker.py", backend, "memory", str(tmp_path))
+    for rank in (0, 1):
+        figures = json.loads((tmp_path / f"memory_rank{rank}.json").read_text())
+        print(backend, rank, figures)  # the figures BENCHMARKS.md records
+        assert figures["measured_update"] < 0.5 * figures["model_mib"], figures  # not even one whole model
+        assert figures["fused_update"] < 0.5 * figures["model_mib"], figures

@@ -10,7 +10,6 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-
 from transformers import TrainerCallback
 
 from hf_ext import TRDPOConfig, TRDPOTrainer
@@ -40,7 +39,7 @@ def main(out_dir: str) -> None:
         learning_rate=1e-2,
         bf16=False,
         use_cpu=True,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         max_length=24,
         save_strategy="no",
