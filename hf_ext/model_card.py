@@ -1,10 +1,11 @@
-"""Model cards for everything hf_ext saves or pushes.
+"""Model cards for what hf_ext saves or pushes itself.
 
-Each method has a template in the repository's top-level ``model_cards/<method>.md`` (shipped in the
+Each such method has a template in the repository's top-level ``model_cards/<method>.md`` (shipped in the
 wheel as ``hf_ext/model_cards/``): a YAML header with the method's static metadata (``library_name``,
 ``arxiv``, ``pipeline_tag``, ``license``, ``tags``) and a Jinja body. :func:`render_model_card` merges
 that header with what the caller knows (base model, extra fields) into ``huggingface_hub.ModelCardData``
-and renders the card.
+and renders the card. TR-DPO and AoT P-Tuning have no template: their artefacts carry the card their
+library writes (TRL's trainer card, PEFT's adapter card), tagged by hf_ext.
 """
 
 import os

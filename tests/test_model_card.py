@@ -18,10 +18,11 @@ from hf_ext.model_card import available_templates, render_model_card, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One card per method whose artefact hf_ext writes itself; TR-DPO's trainer writes TRL's card (TRL's own mechanism).
+# One card per method whose artefact hf_ext writes itself. TR-DPO's trainer writes TRL's card and AoT P-Tuning's
+# adapters PEFT's (each library's own mechanism; tests/trainers/test_trdpo.py and tests/tuners/aot_ptuning check them).
 _ARXIV = {
-    "based": "2402.10644", "palbert": "2204.03276", "ddlm": "2305.10818", "aot_ptuning": "2305.10835",
-    "interpolation": "2211.12092", "sae_match": "2410.07656",
+    "based": "2402.10644", "palbert": "2204.03276", "ddlm": "2305.10818", "interpolation": "2211.12092",
+    "sae_match": "2410.07656",
 }
 
 

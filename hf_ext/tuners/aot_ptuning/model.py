@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
+from transformers import PreTrainedModel
 
 from .config import AoTPTuningConfig
 from .layer import AoTPTuningLayer, AoTTokenIds
@@ -17,6 +18,10 @@ from .layer import AoTPTuningLayer, AoTTokenIds
 # Where transformers keeps its Transformer layers: BERT/RoBERTa/DeBERTa `encoder.layer`, Llama `model.layers`,
 # GPT-2 `transformer.h`, T5 `encoder.block` and `decoder.block`, others `blocks`.
 LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+# Tags of the model card that PEFT's `save_pretrained` / `push_to_hub` writes: PEFT adds the base model's
+# `model_tags` to its card, and `add_model_tags` is transformers' public way to set them.
+MODEL_CARD_TAGS = ("hf-ext", "aot-ptuning", "arxiv:2305.10835")
 
 
 def _is_encoder_decoder(model: nn.Module) -> bool:
@@ -123,6 +128,10 @@ class AoTPTuningModel(BaseTuner):
     biases depend on the token ids, so they cannot be merged into the weights: `merge_and_unload()` raises,
     `unload()` returns the base model.
 
+    The model card is PEFT's (written by `save_pretrained` and `push_to_hub`): the adapter tags the base model
+    with `MODEL_CARD_TAGS` (``hf-ext``, ``aot-ptuning``, ``arxiv:2305.10835``), which PEFT adds to the card's
+    ``library_name: peft``, ``base_model`` and its own tags; `unload()` takes them off again.
+
     Args:
         model: a transformers model with `get_input_embeddings()` and a list of Transformer layers.
         config: the `AoTPTuningConfig`.
@@ -165,6 +174,8 @@ class AoTPTuningModel(BaseTuner):
                 )
         if peft_config.target_modules is None:
             peft_config.target_modules = find_layers_pattern(model)
+        if isinstance(model, PreTrainedModel):
+            model.add_model_tags(list(MODEL_CARD_TAGS))
         if "_aot_token_ids" not in self.__dict__:
             self._aot_token_ids: dict[str, AoTTokenIds] = {}  # stack path -> its ids; every adapter has this size
             for path, stack in stacks.items():
@@ -324,7 +335,9 @@ class AoTPTuningModel(BaseTuner):
         model = super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
         for token_ids in self._aot_token_ids.values():
             token_ids.remove()
+        if getattr(model, "model_tags", None):
+            model.model_tags = [tag for tag in model.model_tags if tag not in MODEL_CARD_TAGS]
         return model
 
 
-__all__ = ["AoTPTuningModel", "find_layers_pattern", "LAYER_LIST_NAMES"]
+__all__ = ["AoTPTuningModel", "find_layers_pattern", "LAYER_LIST_NAMES", "MODEL_CARD_TAGS"]

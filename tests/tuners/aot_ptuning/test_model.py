@@ -510,6 +510,24 @@ def test_save_load_round_trip(tmp_path, save_collapsed):
         assert torch.equal(lazily_loaded(input_ids=ids).logits, expected)
 
 
+def test_model_card_is_pefts_with_the_aot_tags(tmp_path):
+    # One card mechanism per artefact (issue 15): PEFT writes the card; hf_ext's tags reach it through the base
+    # model's public `add_model_tags`, also for an adapter loaded with `from_pretrained` and saved again.
+    from huggingface_hub import ModelCard
+
+    model = make_peft("roberta", "fc")
+    model.base_model.model.config.name_or_path = "org/tiny-roberta"  # as from_pretrained("org/tiny-roberta") sets it
+    model.save_pretrained(tmp_path / "saved")
+    loaded = PeftModel.from_pretrained(tiny_roberta(), tmp_path / "saved")
+    loaded.save_pretrained(tmp_path / "resaved")
+    for folder in ("saved", "resaved"):
+        card = ModelCard.load(tmp_path / folder / "README.md")
+        assert card.data.library_name == "peft"
+        assert {"hf-ext", "aot-ptuning", "arxiv:2305.10835", "transformers"} <= set(card.data.tags)
+    assert ModelCard.load(tmp_path / "saved" / "README.md").data.base_model == "org/tiny-roberta"
+    assert "aot-ptuning" not in (model.unload().model_tags or [])  # the plain base model is no AoT model
+
+
 @pytest.mark.parametrize(
     "arch, auto_class",
     [
