@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,6 @@ def get_tiny_tokenizer(padding_side: str = "right"):
     digits and the filler words (about 140 tokens).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values())
     pieces = SUBJECTS + POSITIVE + NEGATIVE + VERBS + ADVERBS + TAILS
@@ -55,9 +55,7 @@ def get_tiny_tokenizer(padding_side: str = "right"):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **SPECIAL_TOKENS)
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    return tokenizer
+    return _fast_tokenizer(backend, padding_side)
 
 
 def get_tiny_bpe_tokenizer(padding_side: str = "right"):
@@ -68,7 +66,6 @@ def get_tiny_bpe_tokenizer(padding_side: str = "right"):
     from a saved vocabulary and merges). Same special tokens (ids 0-4) and chat template; about 510 tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,6 +73,13 @@ def get_tiny_bpe_tokenizer(padding_side: str = "right"):
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(tiny_corpus() + _FILLER, trainer)
+    return _fast_tokenizer(backend, padding_side)
+
+
+def _fast_tokenizer(backend, padding_side: str):
+    """The transformers tokenizer around a `tokenizers` backend, with the special tokens and the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=padding_side, **SPECIAL_TOKENS)
     tokenizer.chat_template = _CHAT_TEMPLATE
     return tokenizer
@@ -144,7 +148,7 @@ def tiny_causal_lm(model_type: str, seed: int = 0, tokenizer=None, **overrides):
     sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=4, max_position_embeddings=128)
     sizes.update(_TINY_CAUSAL_LM_SIZES.get(model_type, {}))
-    config = AutoConfig.for_model(model_type, **{**sizes, **_tiny_common(tokenizer), **overrides})
+    config = _tiny_config(partial(AutoConfig.for_model, model_type), sizes, tokenizer, overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -284,11 +288,13 @@ def reload_in_subprocess(
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "get_tiny_bpe_tokenizer",
     "get_tiny_tokenizer",
     "lay_out_as_hub_repo",
     "reload_in_subprocess",
     "tiny_albert",
     "tiny_albert_config",
+    "tiny_causal_lm",
     "tiny_corpus",
     "tiny_gpt2",
     "tiny_llama",

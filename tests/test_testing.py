@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 
 from hf_ext.testing import (
     SPECIAL_TOKENS,
+    get_tiny_bpe_tokenizer,
     get_tiny_tokenizer,
     lay_out_as_hub_repo,
     reload_in_subprocess,
     tiny_albert,
+    tiny_causal_lm,
     tiny_corpus,
     tiny_gpt2,
     tiny_llama,
@@ -52,24 +55,47 @@ def test_tokenizer_left_padding():
     assert batch["attention_mask"][1].tolist() == [0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert, tiny_t5])
+def test_bpe_tokenizer_encodes_any_text_and_shares_the_special_tokens():
+    tokenizer = get_tiny_bpe_tokenizer()
+    assert [tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS.values()] == [0, 1, 2, 3, 4]
+    assert len(tokenizer) == 510 and get_tiny_bpe_tokenizer().get_vocab() == tokenizer.get_vocab()
+    for text in [*tiny_corpus()[:20], "zebra: Ünïcödé 🙂, tabs\tand  spaces"]:  # byte-level: nothing is unknown
+        encoded = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in encoded and tokenizer.decode(encoded) == text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<s>user : hi </s>"
+
+
+tiny_qwen2 = partial(tiny_causal_lm, "qwen2")
+
+
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert, tiny_t5, tiny_qwen2])
 def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer):
     model = builder()
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert model.config.pad_token_id == tiny_tokenizer.pad_token_id
     again = builder()
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     other = builder(seed=1)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
     ("builder", "field"), [(tiny_gpt2, "n_layer"), (tiny_llama, "num_hidden_layers"), (tiny_roberta, "num_hidden_layers"),
-                           (tiny_albert, "num_hidden_layers"), (tiny_t5, "num_layers")]
+                           (tiny_albert, "num_hidden_layers"), (tiny_t5, "num_layers"), (tiny_qwen2, "num_hidden_layers")]
 )
 def test_tiny_models_take_overrides_of_their_sizes(builder, field):
     assert getattr(builder(**{field: 3}).config, field) == 3
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_moe", "lfm2"])
+def test_tiny_causal_lm_builds_experts_and_layer_patterns_small(model_type):
+    model = tiny_causal_lm(model_type)
+    assert model.config.model_type == model_type and model.config.hidden_size == 16
+    assert sum(p.numel() for p in model.parameters()) < 50_000
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert logits.shape == (1, 4, model.config.vocab_size) and torch.isfinite(logits).all()
 
 
 def test_hub_layout_loads_offline_by_repo_id(tmp_path, monkeypatch):
@@ -81,7 +107,7 @@ def test_hub_layout_loads_offline_by_repo_id(tmp_path, monkeypatch):
     snapshot = lay_out_as_hub_repo(tmp_path / "saved", "someone/tiny-gpt2", tmp_path / "cache")
     assert (snapshot / "config.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained("someone/tiny-gpt2", cache_dir=tmp_path / "cache")
-    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -48,7 +48,7 @@ from peer_suites import peer_module
 
 import hf_ext  # noqa: F401  (registers the PEFT type)
 from hf_ext import AoTPTuningConfig
-from hf_ext.testing import lay_out_as_hub_repo, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
+from hf_ext.testing import lay_out_as_hub_repo, tiny_causal_lm, tiny_gpt2, tiny_llama, tiny_roberta, tiny_t5
 
 decoder = peer_module("peft_tests.test_decoder_models")
 encoder_decoder = peer_module("peft_tests.test_encoder_decoder_models")
@@ -84,14 +84,6 @@ def _opt():
     return OPTForCausalLM(config)
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return Qwen2ForCausalLM(config)
-
-
 SMALL_ENCODER = dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                      max_position_embeddings=64)
 
@@ -114,7 +106,7 @@ TINY_REPOS = {
     REPO.format("LlamaForCausalLM"): tiny_llama,
     REPO.format("GPT2LMHeadModel"): tiny_gpt2,
     REPO.format("OPTForCausalLM"): _opt,
-    REPO.format("Qwen2ForCausalLM"): _qwen2,
+    REPO.format("Qwen2ForCausalLM"): lambda: tiny_causal_lm("qwen2"),
     REPO.format("T5ForConditionalGeneration"): tiny_t5,
     REPO.format("BartForConditionalGeneration"): _bart,
     REPO.format("BertModel"): lambda: _encoder("Bert"),
