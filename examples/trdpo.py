@@ -81,12 +81,13 @@ def load_real(script_args, model_args, training_args):
     Anthropic HH from the Hub (HH rows are `chosen`/`rejected` dialogues; TRL extracts the prompt)."""
     from datasets import load_dataset
 
-    training_args.model_init_kwargs = dict(
+    model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         attn_implementation=model_args.attn_implementation,
         dtype=model_args.dtype,
     )
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}  # flags win
     data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     eval_data = data[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
     return model_args.model_name_or_path, None, data[script_args.dataset_train_split], eval_data
