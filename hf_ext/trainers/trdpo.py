@@ -581,6 +581,9 @@ class _LoraReference:
         ref_config = copy.deepcopy(config)
         ref_config.r, ref_config.lora_alpha, ref_config.use_rslora = self.rank, self.rank, False  # scaling 1
         ref_config.rank_pattern, ref_config.alpha_pattern, ref_config.inference_mode = {}, {}, True
+        # The factors are overwritten by the first update below. A data- or weight-driven init of the policy's config
+        # (PiSSA, OLoRA, CorDA, LoftQ, ...) would rewrite the base weights the policy shares with this adapter.
+        ref_config.init_lora_weights = True
         # TRL disables dropout before this adapter exists; without this the reference forward (run in train mode)
         # would apply the policy's LoRA dropout and give noisy reference log-probs.
         ref_config.lora_dropout = 0.0

@@ -14,7 +14,7 @@ import torch
 
 from hf_ext._compat.trl import reference_adapter_name
 from hf_ext.data.preference import preference_dataset
-from hf_ext.testing import get_tiny_tokenizer, lay_out_as_hub_repo, tiny_causal_lm, tiny_gpt2
+from hf_ext.testing import get_tiny_tokenizer, lay_out_as_hub_repo, tiny_causal_lm, tiny_gpt2, tiny_llama
 from hf_ext.trainers.trdpo import (
     REFERENCE_FILE,
     TRDPOConfig,
@@ -523,6 +523,27 @@ def test_lora_whose_delta_is_not_b_times_a_is_refused():
         grouped = get_peft_model(GroupedConv(), LoraConfig(r=2, target_modules=["conv"]))
     with pytest.raises(ValueError, match=r"LoRA layer `base_model\.model\.conv` adapts a convolution with groups=2"):
         _LoraReference(grouped, None, "soft")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_reference_adapter_leaves_the_base_weights_of_a_pissa_or_olora_policy_alone(init):
+    # Regression: the reference adapter copied the policy's `init_lora_weights`, and PiSSA / OLoRA initialisation
+    # rewrites the base weights (W - B A s) that the policy shares, which changed the policy's outputs.
+    from peft import LoraConfig, get_peft_model
+
+    from hf_ext.trainers.trdpo import _LoraReference
+
+    policy = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    ids = torch.randint(5, 100, (2, 7))
+    base = {n: p.detach().clone() for n, p in policy.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        before = policy(input_ids=ids).logits
+    _LoraReference(policy, None, "soft")
+    _assert_same({n: p.detach() for n, p in policy.named_parameters() if "base_layer" in n}, base)
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, before)
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.get_delta_weight(REF_ADAPTER), layer.get_delta_weight("default"), rtol=0, atol=1e-6)
 
 
 def test_trl_loss_takes_the_reference_log_probs_from_the_moving_adapter(tmp_path):
