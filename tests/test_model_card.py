@@ -32,7 +32,7 @@ def test_one_template_per_method_with_a_card():
 
 @pytest.mark.parametrize("method", sorted(_ARXIV))
 def test_rendered_metadata_parses_and_carries_the_fields(method):
-    card = render_model_card(method, base_model="org/base", model_name="my-model", tuned_model="org/tuned", alpha=0.5)
+    card = render_model_card(method, base_model="org/base", model_name="my-model", base="org/base", tuned="org/tuned", alpha=0.5)
     data = ModelCard(str(card)).data.to_dict()  # parse the rendered text back, as the Hub does
     assert data["library_name"]
     assert data["license"] == "apache-2.0"
@@ -53,7 +53,7 @@ def test_extra_tags_are_appended_once():
 
 
 def test_save_model_card_round_trips(tmp_path):
-    path = save_model_card(tmp_path / "out", "interpolation", base_model="a/b", tuned_model="c/d", alpha=1.5)
+    path = save_model_card(tmp_path / "out", "interpolation", base_model="a/b", base="a/b", tuned="c/d", alpha=1.5)
     assert path == tmp_path / "out" / "README.md"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["README.md"]  # no temporary file left
     loaded = ModelCard.load(path)
@@ -85,7 +85,7 @@ import json
 import hf_ext
 from hf_ext.model_card import available_templates, render_model_card
 
-cards = {m: str(render_model_card(m, base_model="org/base", model_name="my-model", tuned_model="org/tuned", alpha=0.5))
+cards = {m: str(render_model_card(m, base_model="org/base", model_name="my-model", base="org/base", tuned="org/tuned", alpha=0.5))
          for m in available_templates()}
 print(json.dumps({"hf_ext": hf_ext.__file__, "cards": cards}))
 """
@@ -121,6 +121,6 @@ def test_fresh_non_editable_install_renders_every_card(tmp_path):
     installed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(installed["hf_ext"]).is_relative_to(purelib)  # the installed copy, not the checkout
     assert Path(hf_ext.__file__).is_relative_to(ROOT)
-    expected = {m: str(render_model_card(m, base_model="org/base", model_name="my-model", tuned_model="org/tuned", alpha=0.5))
+    expected = {m: str(render_model_card(m, base_model="org/base", model_name="my-model", base="org/base", tuned="org/tuned", alpha=0.5))
                 for m in available_templates()}
     assert installed["cards"] == expected and set(expected) == {p.stem for p in (ROOT / "model_cards").glob("*.md")}

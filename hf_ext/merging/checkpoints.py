@@ -336,7 +336,9 @@ def interpolate_checkpoints(
     }
     plan = plan_shards(out_specs, shard_size)
 
-    # 3. Write into a temporary folder beside out_dir, renamed into place when complete.
+    # 3. Write into a temporary folder beside out_dir, renamed into place when complete. The card's `base_model`
+    #    metadata (a Hub model id) is left out for a local folder, as TRL's cards do; the card's text names both.
+    base_id = None if Path(base).expanduser().is_dir() else str(base)
     with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         folders = [tmp / alpha_folder_name(a) for a in alphas] if several else [tmp]
         for folder in folders:
@@ -345,7 +347,7 @@ def interpolate_checkpoints(
         for folder, a in zip(folders, alphas, strict=True):
             _write_index(folder, plan)
             _copy_tuned_files(tuned_folder, folder, dtype)
-            save_model_card(folder, "interpolation", base_model=str(base), tuned_model=str(tuned), alpha=a)
+            save_model_card(folder, "interpolation", base_model=base_id, base=str(base), tuned=str(tuned), alpha=a)
     if several:
         return [out_dir / alpha_folder_name(a) for a in alphas]
     return out_dir
