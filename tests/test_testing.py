@@ -58,10 +58,10 @@ def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer)
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert model.config.pad_token_id == tiny_tokenizer.pad_token_id
     again = builder()
-    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     other = builder(seed=1)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_hub_layout_loads_offline_by_repo_id(tmp_path, monkeypatch):
     snapshot = lay_out_as_hub_repo(tmp_path / "saved", "someone/tiny-gpt2", tmp_path / "cache")
     assert (snapshot / "config.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained("someone/tiny-gpt2", cache_dir=tmp_path / "cache")
-    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
