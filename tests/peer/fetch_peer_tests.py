@@ -44,7 +44,6 @@ import importlib.metadata
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -304,25 +303,24 @@ def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tup
 
 
 def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
-    """Write the files as package ``suite.package`` (the repository's ``tests/`` renamed), replacing the old one."""
+    """Write the files as package ``suite.package`` (the repository's ``tests/`` renamed), replacing the old one
+    whole."""
+    from hf_ext.atomic import atomic_folder
+
     root = SUITES_DIR / suite.package
-    staging = SUITES_DIR / f".{suite.package}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     stand_ins = {p: t.encode() for p, t in STAND_INS.get(suite.library, {}).items() if p not in files}
-    for path, data in {**stand_ins, **files}.items():
-        target = staging / Path(path).relative_to("tests")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        (folder / "__init__.py").touch()
-    manifest = [f"{suite.library} {suite.version}"]
-    manifest += [f"missing {path}" for path in missing]
-    manifest += [f"stand-in {path}" for path in sorted(stand_ins)]
-    (staging / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
-    (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
+    with atomic_folder(root, overwrite=True, arg="suite") as staging:
+        for path, data in {**stand_ins, **files}.items():
+            target = staging / Path(path).relative_to("tests")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            (folder / "__init__.py").touch()
+        manifest = [f"{suite.library} {suite.version}"]
+        manifest += [f"missing {path}" for path in missing]
+        manifest += [f"stand-in {path}" for path in sorted(stand_ins)]
+        (staging / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
+        (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
     for alias, target in suite.namespace_aliases.items():
         link = SUITES_DIR / alias
         link.parent.mkdir(parents=True, exist_ok=True)
