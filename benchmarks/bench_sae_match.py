@@ -105,7 +105,7 @@ def run_pair(n, d, noise, k, seed, with_baseline, with_exact, shared_fraction=1.
         for name, perm in results.items():
             same = float((perm == results["exact"])[continuing].double().mean())
             print(f"  {name}: agrees with exact on {same:.4%} of the {int(continuing.sum())} features exact matches to their planted partner")
-    return [(*row, recovered[name], agreement[name]) for name, row in zip(results, rows)]
+    return [(*row, recovered[name], agreement[name]) for name, row in zip(results, rows, strict=True)]
 
 
 def main():

@@ -115,7 +115,7 @@ def main():
     for name, texts in outputs.items():
         probs = attribute_probability(texts, classifier, classifier_tokenizer, caif.target_label, activation)
         means[name] = sum(probs) / len(probs)
-        for text, p in zip(texts, probs):
+        for text, p in zip(texts, probs, strict=True):
             print(f"[{name:5s} p={p:.3f}] {text!r}")
     print(f"mean p({target}): plain {means['plain']:.3f}, caif {means['caif']:.3f}")
 

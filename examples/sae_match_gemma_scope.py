@@ -55,7 +55,10 @@ def parse_args():
     parser.add_argument("--output-dir", default="sae_match_gemma_scope")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--tiny", action="store_true", help="offline: generated SAEs and a tiny random model")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.l0 is not None and len(args.l0) != len(args.layers):
+        parser.error(f"--l0 needs one value per layer: {len(args.layers)} layers {args.layers}, got {len(args.l0)} values {args.l0}")
+    return args
 
 
 def tiny_setup(args, workdir: Path):
@@ -72,7 +75,7 @@ def tiny_setup(args, workdir: Path):
     # The generated encoders know nothing of this model: scale them to its hidden-state norms so
     # that features fire (a folded feature fires when <e_i, x> + c_i > 1).
     norm = collect_hidden_states(model, tokenizer, texts, [0])[0].norm(dim=1).median()
-    for layer, l0, sae in zip(args.layers, args.l0, saes):
+    for layer, l0, sae in zip(args.layers, args.l0, saes, strict=True):
         sae.W_enc.data *= 2 * model.config.hidden_size**0.5 / norm
         save_sae(sae, workdir / "repo" / f"layer_{layer}" / f"width_{args.width}" / f"average_l0_{l0}", format="gemma_scope")
     lay_out_as_hub_repo(workdir / "repo", args.repo, args.cache_dir)
@@ -100,7 +103,7 @@ def main():
             model, tokenizer, texts = tiny_setup(args, Path(tmp))
             args.evaluate = True
         l0 = args.l0 or [PAPER_L0[layer] for layer in args.layers]
-        subfolders = [f"layer_{layer}/width_{args.width}/average_l0_{n}" for layer, n in zip(args.layers, l0)]
+        subfolders = [f"layer_{layer}/width_{args.width}/average_l0_{n}" for layer, n in zip(args.layers, l0, strict=True)]
 
         # 1. load and match
         saes = [load_sae(args.repo, sub, cache_dir=args.cache_dir) for sub in subfolders]
@@ -110,9 +113,9 @@ def main():
         plot_persistence(chain, threshold, out / "persistence.png")
         report = {"subfolders": subfolders, "method": args.method, "threshold": threshold, "pairs": []}
         survive = chain.persistence(threshold)
-        for l, m in enumerate(chain.matchings):
-            row = {"from": args.layers[l], "to": args.layers[l + 1], "folded_mse": folded_mse(saes[l], saes[l + 1], m),
-                   "mean_layers_survived": float(survive[l].double().mean())}
+        for i, m in enumerate(chain.matchings):
+            row = {"from": args.layers[i], "to": args.layers[i + 1], "folded_mse": folded_mse(saes[i], saes[i + 1], m),
+                   "mean_layers_survived": float(survive[i].double().mean())}
             report["pairs"].append(row)
 
         # 2. evaluate on the model's hidden states (Eq. 5, Matching Score, delta-L)
@@ -121,12 +124,12 @@ def main():
                 model, tokenizer, texts = real_setup(args)
             device = next(model.parameters()).device
             hidden = collect_hidden_states(model, tokenizer, texts, args.layers, max_length=args.max_length)
-            for l, (row, m) in enumerate(zip(report["pairs"], chain.matchings)):
-                sae_a, sae_b = saes[l].to(device), saes[l + 1].to(device)
-                ha, hb = hidden[args.layers[l]].to(device), hidden[args.layers[l + 1]].to(device)
+            for i, (row, m) in enumerate(zip(report["pairs"], chain.matchings, strict=True)):
+                sae_a, sae_b = saes[i].to(device), saes[i + 1].to(device)
+                ha, hb = hidden[args.layers[i]].to(device), hidden[args.layers[i + 1]].to(device)
                 row.update(evaluate_approximation(sae_a, sae_b, m, ha, hb))
                 row["matching_score"] = matching_score(sae_a, sae_b, m, ha, hb)
-                row.update(delta_lm_loss(model, tokenizer, texts, args.layers[l], sae_a, sae_b, m, max_length=args.max_length))
+                row.update(delta_lm_loss(model, tokenizer, texts, args.layers[i], sae_a, sae_b, m, max_length=args.max_length))
         (out / "report.json").write_text(json.dumps(report, indent=2))
         print(json.dumps(report, indent=2))
         if args.tiny:

@@ -6,22 +6,23 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 # The peer libraries' own test suites (tests/peer/fetch_peer_tests.py) import as `transformers_tests`,
 # `peft_tests`, ...; their files are imported by hf_ext's test modules, never collected themselves.
 _PEER = Path(__file__).resolve().parent / "peer"
 sys.path[:0] = [str(_PEER), str(_PEER / "_suites")]
-collect_ignore = ["peer/_suites", "peer/fetch_peer_tests.py"]
+collect_ignore = ["peer/_suites"]
 
 
 def pytest_configure(config):
-    # The peers' tests carry their own markers (`generate`, `flash_attn_test`, ...), declared in their pyproject.
+    # The markers the peers' tests apply (`generate`, `flash_attn_test`, ...), which the fetch script lists:
+    # pytest runs with --strict-markers.
     for markers in sorted((_PEER / "_suites").glob("*/markers.txt")):
         for marker in markers.read_text().splitlines():
             config.addinivalue_line("markers", marker)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ An upgrade of transformers, PEFT, TRL, accelerate or huggingface_hub that remove
 hf_ext relies on fails here first, with a message naming the compat function to fix.
 """
 
+import importlib
+
 import pytest
 
 from hf_ext._compat import PrivateAPIChanged, check_private_touches, load_all_touches, require_attr
@@ -22,6 +24,10 @@ def test_private_touch_is_documented(function):
     touch = TOUCHES[function]
     assert touch.names and all("._" in name for name in touch.names), touch.names
     assert touch.checked_on and touch.public_alternative
+    module, name = function.rsplit(".", 1)
+    doc = getattr(importlib.import_module(module), name).__doc__
+    assert doc.endswith(f"\n\nChecked on {touch.library} {touch.checked_on} (touches {', '.join(touch.names)}). "
+                        f"Public alternative: {touch.public_alternative}")
 
 
 def test_check_private_touches_is_clean():
@@ -50,3 +56,56 @@ def test_a_vanished_private_name_fails_the_check_naming_the_function(monkeypatch
     assert failures[0].startswith("hf_ext._compat.transformers.attention_implementation (PreTrainedConfig._attn_implementation): ")
     with pytest.raises(PrivateAPIChanged, match=r"^hf_ext\._compat\.transformers\.attention_implementation: .*transformers 5\.25\.0"):
         attention_implementation(config)
+
+
+def _drop_attention_property(monkeypatch):
+    from transformers import PreTrainedConfig
+
+    monkeypatch.delattr(PreTrainedConfig, "_attn_implementation")
+
+
+def _drop_compute_loss(monkeypatch):
+    from trl import DPOTrainer
+
+    monkeypatch.delattr(DPOTrainer, "_compute_loss")
+
+
+def _rewrite_reference_selection(monkeypatch):
+    from trl import DPOTrainer
+
+    def compute_ref_log_probs(self, inputs):  # a later TRL picking the reference adapter some other way
+        return None
+
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", compute_ref_log_probs)
+
+
+def _peft_type_without_enum(monkeypatch):
+    import peft.utils
+
+    class PeftType:  # a later PEFT with plain string constants
+        LORA = "LORA"
+
+    monkeypatch.setattr(peft.utils, "PeftType", PeftType)
+
+
+# How each touch's private names could disappear or change in a later release, and what the check must then say.
+VANISHINGS = {
+    "hf_ext._compat.transformers.attention_implementation": [_drop_attention_property],
+    "hf_ext._compat.trl.reference_adapter_name": [_drop_compute_loss, _rewrite_reference_selection],
+    "hf_ext._compat.peft.add_peft_type_member": [_peft_type_without_enum],
+}
+
+
+def test_every_touch_has_a_vanishing_below():
+    assert set(VANISHINGS) == set(TOUCHES)
+
+
+@pytest.mark.parametrize(
+    ("function", "vanish"), [(f, v) for f, vs in sorted(VANISHINGS.items()) for v in vs], ids=lambda x: getattr(x, "__name__", x)
+)
+def test_each_probe_fails_naming_its_function_when_its_private_names_change(function, vanish, monkeypatch):
+    vanish(monkeypatch)
+    failures = check_private_touches()
+    assert len(failures) == 1, failures
+    assert failures[0].startswith(f"{function} (")
+    assert f"{function}: " in failures[0]  # the probe's own message names the function too

@@ -41,3 +41,22 @@ def test_readme_snippets_run(tmp_path):
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+def _commands(text: str) -> list[str]:
+    """The commands of a bash block, comments left out."""
+    return [command for line in text.splitlines() if (command := line.split("#", 1)[0].strip())]
+
+
+def test_ci_runs_the_readmes_install_and_test_commands_in_order():
+    readme = README.read_text(encoding="utf-8")
+    install = re.search(r"## Install\n\n```bash\n(.*?)```", readme, flags=re.S).group(1)
+    tests = re.search(r"Run the tests .*?```bash\n(.*?)```", readme, flags=re.S).group(1)
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
+    assert _commands(install) == ["pip install torch", 'pip install -e ".[test,demo]"']
+    # CI installs torch as $TORCH_SPEC (default: the pinned CPU wheel; TORCH_SPEC=torch is the README's line)
+    assert 'python -m pip install --quiet "$TORCH_SPEC"\npython -m pip install --quiet -e ".[test,demo]"\n' in ci
+    assert _commands(tests) == [
+        "python tests/peer/fetch_peer_tests.py", "python -m pytest", "python -m pytest -m slow",
+    ]
+    assert ci.rstrip().endswith("\n".join(_commands(tests)))

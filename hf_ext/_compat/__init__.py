@@ -3,8 +3,9 @@
 transformers, PEFT, TRL, accelerate and huggingface_hub make no promise about their ``_private`` names, so a
 release of any of them may break a touch. Each touch is a small named function in the module of its library
 (`hf_ext._compat.transformers`, `.peft`, `.trl`, `.accelerate`, `.huggingface_hub`), decorated with
-:func:`private_touch`, which records the version it was checked on, the public alternative (or why there is none)
-and a probe: a side-effect-free check that the private names still look the way the function assumes.
+:func:`private_touch`, which records the version it was checked on, the public alternative (or why there is none),
+both also appended to the function's docstring, and a probe: a side-effect-free check that the private names still
+look the way the function assumes.
 
 ``tests/test_compat.py`` runs every probe against the installed versions, so an upgrade that breaks a touch fails
 there first, with a message naming the function; at run time a touch that finds its private name gone raises
@@ -16,6 +17,7 @@ Overriding a method that a base class documents as its subclass hook (``PreTrain
 
 import importlib
 import importlib.metadata
+import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,11 +54,14 @@ PRIVATE_TOUCHES: dict[str, PrivateTouch] = {}
 def private_touch(
     library: str, checked_on: str, names: tuple[str, ...], public_alternative: str, probe: Callable[[], None]
 ) -> Callable:
-    """Record the decorated function as a touch of ``library``'s private ``names`` (see :class:`PrivateTouch`)."""
+    """Record the decorated function as a touch of ``library``'s private ``names`` (see :class:`PrivateTouch`), and
+    end its docstring with the version it was checked on and the public alternative."""
 
     def record(fn: Callable) -> Callable:
         qualname = f"{fn.__module__}.{fn.__qualname__}"
         PRIVATE_TOUCHES[qualname] = PrivateTouch(qualname, library, checked_on, names, public_alternative, probe)
+        note = f"Checked on {library} {checked_on} (touches {', '.join(names)}). Public alternative: {public_alternative}"
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n{note}".lstrip()
         return fn
 
     return record

@@ -34,9 +34,9 @@ def _probe_reference_adapter_name() -> None:
 def reference_adapter_name() -> str:
     """The adapter name under which `DPOTrainer`'s loss looks for the reference of a PEFT policy: ``"ref"``.
 
-    Checked on TRL 1.16.0, where `DPOTrainer._compute_loss` and `compute_ref_log_probs` run the reference forward
-    inside ``use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)``. TR-DPO's moving
-    reference of a LoRA policy must be that adapter, or TRL would silently use the base model instead.
+    `DPOTrainer._compute_loss` and `compute_ref_log_probs` run the reference forward inside
+    ``use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None)``. TR-DPO's moving reference of
+    a LoRA policy must be that adapter, or TRL would silently use the base model instead.
     """
     from trl import DPOTrainer
 

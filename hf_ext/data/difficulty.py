@@ -52,7 +52,7 @@ def difficulty_dataset(num_examples: int = 1000, seed: int = 0, num_polar: int =
     rng = random.Random(seed)
     labels = [rng.randrange(2) for _ in range(num_examples)]
     difficulties = [rng.randint(0, max_difficulty(num_polar)) for _ in range(num_examples)]
-    texts = [difficulty_example(rng, y, d, num_polar, num_neutral) for y, d in zip(labels, difficulties)]
+    texts = [difficulty_example(rng, y, d, num_polar, num_neutral) for y, d in zip(labels, difficulties, strict=True)]
     return Dataset.from_dict({"text": texts, "label": labels, "difficulty": difficulties})
 
 

@@ -51,7 +51,7 @@ def _train_classifier(tokenizer, texts, labels, seed: int):
 
     rng = random.Random(seed)
     samples = []
-    for text, label in zip(texts, labels):
+    for text, label in zip(texts, labels, strict=True):
         words = text.split()
         # The LM's ids reach the classifier as they are (shared tokenizer), BOS included, so it trains on them too.
         samples.append((f"{tokenizer.bos_token} " + " ".join(words[: rng.randint(2, len(words))]), label))

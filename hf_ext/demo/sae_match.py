@@ -30,7 +30,7 @@ def run(ctx: DemoContext) -> SectionResult:
 
     saes, truths = planted_chain(n_layers=6, n_features=1024, d_model=64, noise=0.3, shared_fraction=0.8, seed=ctx.seed)
     chain = match_layers(saes, method="sparse", k=16)
-    continued = [m.cost[t == m.permutation] for m, t in zip(chain.matchings, truths)]
+    continued = [m.cost[t == m.permutation] for m, t in zip(chain.matchings, truths, strict=True)]
     threshold = float(torch.cat(continued).quantile(0.99))  # a cost that 99% of true continuations stay under
     survive = chain.persistence(threshold)
     plot_persistence(chain, threshold, ctx.figure_path("persistence.png"))

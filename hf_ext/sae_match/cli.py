@@ -59,11 +59,11 @@ def _check_args(args: argparse.Namespace) -> None:
 def _summary(args, saes, chain, seconds) -> dict:
     where = [f"{args.repo}/{loc}" if args.repo else loc for loc in args.locations]
     pairs = []
-    for l, matching in enumerate(chain.matchings):
+    for i, matching in enumerate(chain.matchings):
         cost = matching.cost.double()
         pairs.append({
-            "from": where[l], "to": where[l + 1], "total_cost": matching.total, "mean_cost": float(cost.mean()),
-            "median_cost": float(cost.median()), "seconds": round(seconds[l], 3),
+            "from": where[i], "to": where[i + 1], "total_cost": matching.total, "mean_cost": float(cost.mean()),
+            "median_cost": float(cost.median()), "seconds": round(seconds[i], 3),
         })
     summary = {
         "locations": where, "formats": [sae.metadata.get("format") for sae in saes],
@@ -99,9 +99,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"hf-ext sae-match: could not load the SAEs: {err}", file=sys.stderr)
         return 1
     matchings, seconds = [], []
-    for l in tqdm(range(len(saes) - 1), desc="matching", disable=args.no_progress):
+    for i in tqdm(range(len(saes) - 1), desc="matching", disable=args.no_progress):
         start = time.perf_counter()
-        matchings.append(match(saes[l], saes[l + 1], tuple(args.using), args.method, fold=not args.no_fold, k=args.k))
+        matchings.append(match(saes[i], saes[i + 1], tuple(args.using), args.method, fold=not args.no_fold, k=args.k))
         seconds.append(time.perf_counter() - start)
     chain = LayerMatchings(matchings)
     summary = _summary(args, saes, chain, seconds)

@@ -29,6 +29,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -540,8 +541,8 @@ class LayerMatchings:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             return cls([
-                Matching(f.get_tensor(f"{l}.permutation"), f.get_tensor(f"{l}.cost"), **_parse_metadata(json.loads(meta[str(l)])))
-                for l in range(len(meta))
+                Matching(f.get_tensor(f"{i}.permutation"), f.get_tensor(f"{i}.cost"), **_parse_metadata(json.loads(meta[str(i)])))
+                for i in range(len(meta))
             ])
 
 
@@ -576,13 +577,13 @@ def match_layers(
     if len(saes) < 2:
         raise ValueError(f"`saes` must hold at least two SAEs, got {len(saes)}.")
     _check_options(using, method, k)
-    for left, right in zip(saes[:-1], saes[1:]):
+    for left, right in pairwise(saes):
         _check_pair(left, right)
     from tqdm.auto import tqdm
 
     pairs = tqdm(range(len(saes) - 1), desc="matching layers", disable=not progress)
     return LayerMatchings([
-        match(saes[l], saes[l + 1], using, method, fold=fold, k=k, block_bytes=block_bytes) for l in pairs
+        match(saes[i], saes[i + 1], using, method, fold=fold, k=k, block_bytes=block_bytes) for i in pairs
     ])
 
 

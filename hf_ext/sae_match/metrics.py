@@ -178,10 +178,10 @@ def collect_hidden_states(
     modules = _check_layers(model, layers)
     device = next(model.parameters()).device
     collected = {layer: [] for layer in layers}
+    captured = {}  # this batch's outputs, by layer
+    hooks = {layer: (lambda m, i, o, layer=layer: captured.__setitem__(layer, _output_hidden(o))) for layer in layers}
     for batch in _batches(tokenizer, texts, batch_size, max_length, device):
         mask = _token_mask(batch, tokenizer)
-        captured = {}
-        hooks = {layer: (lambda m, i, o, layer=layer: captured.__setitem__(layer, _output_hidden(o))) for layer in layers}
         with _hooks(modules, hooks):
             model(**batch)
         for layer in layers:
@@ -190,7 +190,7 @@ def collect_hidden_states(
 
 
 def _masked_lm_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over non-padding targets."""
+    """Summed next-token cross-entropy over non-padding targets (the callers divide by the token count)."""
     targets = batch["input_ids"][:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100)
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
@@ -231,19 +231,19 @@ def delta_lm_loss(
     device = next(model.parameters()).device
     totals = {"loss": 0.0, "patched_loss": 0.0}
     n_tokens = 0
+    state = {}  # this batch's token mask and layer `layer`'s output
+
+    def read(module, inputs, output):
+        state["x_a"] = _output_hidden(output)
+
+    def replace(module, inputs, output):
+        hidden = _output_hidden(output)
+        x_hat = encode_permute_decode(sae_a, sae_b, matching, state["x_a"].to(sae_a.W_enc.dtype)).to(hidden.dtype)
+        return _with_hidden(output, torch.where(state["mask"][..., None], x_hat, hidden))
+
     for batch in _batches(tokenizer, texts, batch_size, max_length, device):
-        mask = _token_mask(batch, tokenizer)
+        state["mask"] = _token_mask(batch, tokenizer)
         totals["loss"] += float(_masked_lm_loss(model(**batch).logits, batch))
-        state = {}
-
-        def read(module, inputs, output):
-            state["x_a"] = _output_hidden(output)
-
-        def replace(module, inputs, output):
-            hidden = _output_hidden(output)
-            x_hat = encode_permute_decode(sae_a, sae_b, matching, state["x_a"].to(sae_a.W_enc.dtype)).to(hidden.dtype)
-            return _with_hidden(output, torch.where(mask[..., None], x_hat, hidden))
-
         with _hooks(modules, {layer: read, layer + 1: replace}):
             totals["patched_loss"] += float(_masked_lm_loss(model(**batch).logits, batch))
         n_tokens += int(batch["attention_mask"][:, 1:].sum())

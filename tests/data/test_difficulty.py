@@ -7,7 +7,7 @@ from hf_ext.data.sentiment import NEGATIVE, POSITIVE
 def test_labels_and_difficulties_follow_the_words():
     data = difficulty_dataset(300, seed=3, num_polar=7, num_neutral=2).to_dict()
     assert set(data["difficulty"]) == {0, 1, 2, 3}
-    for text, label, difficulty in zip(data["text"], data["label"], data["difficulty"]):
+    for text, label, difficulty in zip(data["text"], data["label"], data["difficulty"], strict=True):
         words = text.split()
         positive, negative = sum(w in POSITIVE for w in words), sum(w in NEGATIVE for w in words)
         assert (positive, negative, len(words)) == (positive, 7 - positive, 9)

@@ -6,7 +6,7 @@ from hf_ext.data.sentiment import NEGATIVE, POSITIVE, sentiment_dataset
 def test_labels_follow_the_adjective_and_are_seeded():
     ds = sentiment_dataset(200, seed=3)
     assert ds.column_names == ["text", "label"] and len(ds) == 200
-    for text, label in zip(ds["text"], ds["label"]):
+    for text, label in zip(ds["text"], ds["label"], strict=True):
         words = set(text.split())
         assert bool(words & set(POSITIVE)) == (label == 1)
         assert bool(words & set(NEGATIVE)) == (label == 0)

@@ -10,8 +10,9 @@ Sources, per suite:
 1. **PyPI source distribution** of the installed version (``pip download --no-deps --no-binary :all:``), its
    archive and every extracted file checked against their pins. transformers and PEFT ship (part of) their tests
    this way.
-2. **A copy of the library's repository** given with ``--source LIB=DIR``: a git checkout, a bare git directory
-   (files are read at the pinned commit) or a plain folder holding the files at their repository paths. This is
+2. **A copy of the library's repository** given with ``--source LIB=DIR``: a git checkout or a bare git directory
+   (files are read at the pinned commit; a checkout without it gives its working tree's files) or a plain folder
+   holding the files at their repository paths. Every pinned file must be there. This is
    for the files the sdist does not ship: transformers' ``tests/generation/test_utils.py`` (GenerationTesterMixin),
    ``tests/exporters/test_export.py`` and ``tests/utils/test_configuration_utils.py``; TRL and diffusers ship no
    tests in their sdists at all. PyPI is the only network this project's CI reaches, so there these files are
@@ -29,8 +30,10 @@ Usage::
     python tests/peer/fetch_peer_tests.py --source trl=/path/to/trl --source diffusers=/path/to/diffusers
     python tests/peer/fetch_peer_tests.py --print-hashes --source ...   # new pins after an upgrade
 
-The pins are per version: when an installed version has no pins, the script stops and says which; update
-:data:`SUITES` with ``--print-hashes`` after reading the diff of the peer's tests.
+The pins are per version: when an installed version has no pins, the script stops and says which. To move to a
+new version, set the suite's ``version`` (and ``commit``) in :data:`SUITES`, read the diff of the peer's tests, and
+take the new pins from ``--print-hashes``; a file is added to a suite by adding its path to ``sdist_files`` or
+``repo_files`` (with any hash) before that run.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import argparse
 import hashlib
 import importlib.metadata
 import io
+import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -207,19 +210,30 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def installed_version(library: str) -> str:
+def check_installed(suite: Suite) -> None:
+    """Stop, saying what to do, unless the installed version of ``suite.library`` is the one its files are pinned for."""
     try:
-        return importlib.metadata.version(library)
+        installed = importlib.metadata.version(suite.library)
     except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+        raise SystemExit(f"{suite.library} is not installed; its suite is pinned for {suite.version}.") from None
+    if installed != suite.version:
+        raise SystemExit(
+            f"{suite.library}: the pinned suite is for {suite.version}, installed is {installed}. Install "
+            f"{suite.library}=={suite.version}, or pin {installed}'s files: set SUITES[{suite.library!r}].version "
+            f"to {installed!r} in {Path(__file__).name} and take the new pins from --print-hashes."
+        )
 
 
 def download_sdist(suite: Suite, workdir: Path, check: bool) -> bytes:
     """The suite's sdist from PyPI (pip's index settings apply), checked against its pin when ``check``."""
+    requirement = f"{suite.library}=={suite.version}"
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
-    command += ["--dest", str(workdir), f"{suite.library}=={suite.version}"]
-    subprocess.run(command, check=True)
-    (archive,) = workdir.glob(f"{suite.library}-{suite.version}.tar.gz")
+    if subprocess.run([*command, "--dest", str(workdir), requirement]).returncode != 0:
+        raise SystemExit(
+            f"{suite.library}: pip could not download the source distribution {requirement} (its error is above). "
+            f"This step needs PyPI, or an index that holds the sdist; `--only` fetches the other suites."
+        )
+    (archive,) = workdir.iterdir()  # a fresh folder, one requirement without its dependencies
     data = archive.read_bytes()
     if check and sha256(data) != suite.sdist_sha256:
         raise SystemExit(f"{archive.name}: sha256 {sha256(data)} does not match the pin {suite.sdist_sha256}.")
@@ -253,19 +267,19 @@ def pytest_markers(files: dict[str, bytes]) -> list[str]:
     return [f"{name}: applied by the peer's own tests" for name in sorted(used - _BUILTIN_MARKS)]
 
 
-def read_source_file(source: Path, suite: Suite, path: str) -> bytes | None:
-    """``path`` from a --source copy: a plain folder or checkout first, else a git directory at the pinned commit."""
-    plain = source / path
-    if plain.is_file():
-        return plain.read_bytes()
-    shown = subprocess.run(
-        ["git", "--git-dir", str(_git_dir(source)), "show", f"{suite.commit}:{path}"], capture_output=True
+def read_source_file(source: Path, suite: Suite, path: str) -> bytes:
+    """``path`` from a --source copy: from git at the pinned commit where ``source`` is a git directory or checkout
+    that has it, else from the folder itself."""
+    git_dir = source / ".git" if (source / ".git").exists() else source
+    shown = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{suite.commit}:{path}"], capture_output=True)
+    if shown.returncode == 0:
+        return shown.stdout
+    if (source / path).is_file():
+        return (source / path).read_bytes()
+    raise SystemExit(
+        f"--source {suite.library}={source}: {path} is neither in git at the pinned commit {suite.repo}@{suite.commit} "
+        f"nor in that folder."
     )
-    return shown.stdout if shown.returncode == 0 else None
-
-
-def _git_dir(source: Path) -> Path:
-    return source / ".git" if (source / ".git").exists() else source
 
 
 def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tuple[dict[str, bytes], list[str], list[str]]:
@@ -276,45 +290,44 @@ def gather(suite: Suite, source: Path | None, workdir: Path, check: bool) -> tup
         archive = download_sdist(suite, workdir, check)
         files.update(read_sdist_files(archive, set(suite.sdist_files)))
     if source is not None:
-        for path in suite.repo_files:
-            data = read_source_file(source, suite, path)
-            if data is not None:
-                files[path] = data
+        files.update({path: read_source_file(source, suite, path) for path in suite.repo_files})
     pins = {**suite.sdist_files, **suite.repo_files}
     if check:
         wrong = [f"{path}: sha256 {sha256(data)} (pinned {pins[path]})" for path, data in files.items() if sha256(data) != pins[path]]
         if wrong:
-            raise SystemExit(f"{suite.library}: files differ from their pins:\n  " + "\n  ".join(wrong))
+            raise SystemExit(
+                f"{suite.library}: files differ from their pins (the sdist of {suite.version}; --source files at "
+                f"{suite.repo}@{suite.commit}):\n  " + "\n  ".join(wrong)
+            )
     return files, sorted(set(pins) - set(files)), pytest_markers(files)
 
 
 def write_suite(suite: Suite, files: dict[str, bytes], missing: list[str], markers: list[str]) -> Path:
-    """Write the files as package ``suite.package`` (the repository's ``tests/`` renamed), replacing the old one."""
+    """Write the files as package ``suite.package`` (the repository's ``tests/`` renamed), replacing the old one
+    whole."""
+    from hf_ext.atomic import atomic_folder
+
     root = SUITES_DIR / suite.package
-    staging = SUITES_DIR / f".{suite.package}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    stand_ins = {p: t.encode() for p, t in STAND_INS.get(suite.library, {}).items() if p in missing or p not in files}
-    for path, data in {**stand_ins, **files}.items():
-        target = staging / Path(path).relative_to("tests")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    for folder in [staging, *[p for p in staging.rglob("*") if p.is_dir()]]:
-        (folder / "__init__.py").touch()
-    manifest = [f"{suite.library} {suite.version}"]
-    manifest += [f"missing {path}" for path in missing]
-    manifest += [f"stand-in {path}" for path in sorted(stand_ins)]
-    (staging / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
-    (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
+    stand_ins = {p: t.encode() for p, t in STAND_INS.get(suite.library, {}).items() if p not in files}
+    with atomic_folder(root, overwrite=True, arg="suite") as staging:
+        for path, data in {**stand_ins, **files}.items():
+            target = staging / Path(path).relative_to("tests")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+            (folder / "__init__.py").touch()
+        manifest = [f"{suite.library} {suite.version}"]
+        manifest += [f"missing {path}" for path in missing]
+        manifest += [f"stand-in {path}" for path in sorted(stand_ins)]
+        (staging / "MANIFEST.txt").write_text("\n".join(manifest) + "\n")
+        (staging / "markers.txt").write_text("".join(f"{marker}\n" for marker in markers))
     for alias, target in suite.namespace_aliases.items():
         link = SUITES_DIR / alias
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
-        if (root / target).is_dir():
-            link.symlink_to(root / target, target_is_directory=True)
+        if (root / target).is_dir():  # relative, so the folder may move
+            link.symlink_to(os.path.relpath(root / target, link.parent), target_is_directory=True)
     return root
 
 
@@ -333,12 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     (SUITES_DIR / ".gitignore").write_text("*\n")
     for name in args.only or sorted(SUITES):
         suite = SUITES[name]
-        installed = installed_version(suite.library)
-        if installed != suite.version:
-            raise SystemExit(
-                f"{suite.library}: the pinned suite is for {suite.version}, installed is {installed}. Install "
-                f"{suite.library}=={suite.version}, or pin the new version's files (see --print-hashes)."
-            )
+        check_installed(suite)
         with tempfile.TemporaryDirectory() as workdir:
             files, missing, markers = gather(suite, sources.get(name), Path(workdir), check=not args.print_hashes)
         if args.print_hashes:
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         root = write_suite(suite, files, missing, markers)
         note = f"; missing {len(missing)}: {', '.join(missing)}" if missing else ""
-        print(f"{name} {suite.version}: {len(files)} files -> {root.relative_to(Path.cwd()) if root.is_relative_to(Path.cwd()) else root}{note}")
+        print(f"{name} {suite.version}: {len(files)} files -> {root}{note}")
     return 0
 
 

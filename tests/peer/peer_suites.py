@@ -2,7 +2,8 @@
 
 A test module does ``common = peer_module("transformers_tests.test_modeling_common")``; when the suite or one of
 its files is absent, the whole module skips with a reason that names the missing file and the command that
-brings it, rather than failing on an ``ImportError`` or passing with nothing run.
+brings it, rather than failing on an ``ImportError`` or passing with nothing run. A missing third-party module
+is not skipped: it is an error (the ``test`` extra must install what the pinned suites import).
 """
 
 import importlib
@@ -24,6 +25,8 @@ def peer_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
+        if not error.name or error.name.split(".", 1)[0] not in (package, "tests"):
+            raise  # a library the suite imports is not installed: the test extra lacks it, a failure to fix
         missing = [line.removeprefix("missing ") for line in manifest.read_text().splitlines() if line.startswith("missing ")]
         reason = f"{name} needs {error.name}, which the fetched suite lacks"
         if missing:

@@ -12,8 +12,8 @@ from hf_ext.testing import lay_out_as_hub_repo
 
 def _write_chain(root, n_layers=3):
     saes, truths = planted_chain(n_layers=n_layers, n_features=64, d_model=16, noise=0.1, seed=0)
-    subfolders = [f"layer_{l}/width_16k/average_l0_{50 + l}" for l in range(n_layers)]
-    for sae, sub in zip(saes, subfolders):
+    subfolders = [f"layer_{i}/width_16k/average_l0_{50 + i}" for i in range(n_layers)]
+    for sae, sub in zip(saes, subfolders, strict=True):
         save_sae(sae, root / sub, format="gemma_scope")
     return subfolders, truths
 
@@ -25,7 +25,7 @@ def test_local_folders_write_matchings_summary_and_plot(tmp_path):
                  "--method", "sparse", "--k", "8", "--threshold", "0.05", "--plot", "--no-progress"])
     assert code == 0
     chain = LayerMatchings.load(out / "matchings.safetensors")
-    for m, truth in zip(chain.matchings, truths):
+    for m, truth in zip(chain.matchings, truths, strict=True):
         assert torch.equal(m.permutation, truth)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["n_features"], summary["d_model"], summary["method"], summary["formats"]) == (64, 16, "sparse", ["gemma_scope"] * 3)

@@ -59,7 +59,7 @@ def test_topk_candidates_match_brute_force(n, block_rows, k):
     dist = torch.cdist(a.double(), b.double())
     expected = {(i, int(j)) for i in range(n) for j in dist[i].topk(k, largest=False).indices}
     expected |= {(int(i), j) for j in range(n) for i in dist[:, j].topk(k, largest=False).indices}
-    assert set(zip(rows.tolist(), cols.tolist())) == expected
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == expected
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -78,7 +78,7 @@ def test_bfloat16_ranking_keeps_float32_dots_and_the_nearest_pairs():
     b[:150] = a[:150] + 0.1 * torch.randn(150, 48)  # clear nearest partners for half the rows
     rows, cols, dots = topk_candidates(a, b, k=4)  # default rank_dtype: bfloat16
     torch.testing.assert_close(dots, (a[rows] * b[cols]).sum(1), rtol=1e-6, atol=1e-5)
-    assert {(i, i) for i in range(150)} <= set(zip(rows.tolist(), cols.tolist()))
+    assert {(i, i) for i in range(150)} <= set(zip(rows.tolist(), cols.tolist(), strict=True))
     assert rows.numel() >= 300 * 4
 
 
@@ -92,7 +92,7 @@ def test_sparse_fallback_completes_an_unmatchable_graph():
     weights = ((a[rows].square().sum(1) + b[cols].square().sum(1) - 2 * dots) / 8).double().numpy()
     extra_rows, extra_cols = _completion_edges(rows.numpy(), cols.numpy(), weights, a, b, 1, 2**20)
     assert extra_rows.size > 0
-    assert not set(zip(extra_rows.tolist(), extra_cols.tolist())) & set(zip(rows.tolist(), cols.tolist()))
+    assert not set(zip(extra_rows.tolist(), extra_cols.tolist(), strict=True)) & set(zip(rows.tolist(), cols.tolist(), strict=True))
     sae_a, sae_b = random_sae(40, 8, "relu", seed=0), random_sae(40, 8, "relu", seed=1)
     sae_a.W_dec.data, sae_b.W_dec.data = a, b
     sparse = match(sae_a, sae_b, method="sparse", k=1)
@@ -172,7 +172,7 @@ def test_matching_save_load_round_trip(tmp_path):
 
 
 def _chain(perms, costs):
-    return LayerMatchings([Matching(torch.tensor(p), torch.tensor(c)) for p, c in zip(perms, costs)])
+    return LayerMatchings([Matching(torch.tensor(p), torch.tensor(c)) for p, c in zip(perms, costs, strict=True)])
 
 
 def test_compose_paths_and_persistence_by_hand():
@@ -190,12 +190,12 @@ def test_compose_paths_and_persistence_by_hand():
 def test_match_layers_recovers_planted_chain(tmp_path):
     saes, truths = planted_chain(n_layers=4, n_features=200, d_model=24, noise=0.2, seed=4)
     chain = match_layers(saes, method="sparse", k=8)
-    for m, truth in zip(chain.matchings, truths):
+    for m, truth in zip(chain.matchings, truths, strict=True):
         assert torch.equal(m.permutation, truth)
     assert torch.equal(chain.compose(0, 3), truths[2][truths[1][truths[0]]])
     chain.save(tmp_path / "chain.safetensors")
     loaded = LayerMatchings.load(tmp_path / "chain.safetensors")
-    assert all(torch.equal(x.permutation, y.permutation) and x.method == "sparse" for x, y in zip(loaded.matchings, chain.matchings))
+    assert all(torch.equal(x.permutation, y.permutation) and x.method == "sparse" for x, y in zip(loaded.matchings, chain.matchings, strict=True))
 
 
 def test_errors():

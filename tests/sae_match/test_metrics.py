@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from hf_ext.sae_match import collect_hidden_states, delta_lm_loss, encode_permute_decode, evaluate_approximation, fold
-from hf_ext.sae_match import folded_mse, match, matching_score
+from hf_ext.sae_match import (
+    collect_hidden_states,
+    delta_lm_loss,
+    encode_permute_decode,
+    evaluate_approximation,
+    fold,
+    folded_mse,
+    match,
+    matching_score,
+)
 from hf_ext.sae_match.metrics import fraction_of_variance_unexplained
 from hf_ext.sae_match.synthetic import planted_pair, random_sae
 from hf_ext.testing import tiny_corpus, tiny_gpt2

@@ -49,6 +49,7 @@ the frozen-reference assertion, the version gap).
 """
 
 import importlib.util
+import logging
 import os
 import sys
 import warnings
@@ -65,7 +66,19 @@ if not hasattr(trl_import_utils, "is_joblib_available"):  # dropped after TRL 1.
     trl_import_utils.is_joblib_available = lambda: importlib.util.find_spec("joblib") is not None
 
 dpo = peer_module("trl_tests.test_dpo_trainer")
+import trl_tests.conftest as trl_conftest  # noqa: E402
 from trl_tests.conftest import cleanup_gpu, force_use_cpu_without_accelerator  # noqa: E402,F401  (TRL's fixtures)
+
+# Importing TRL's conftest filters transformers' "LOAD REPORT" warnings out of three loggers for the whole process;
+# transformers' own common tests (tests/models) assert on that report. Keep the filters to TRL's tests, as in TRL.
+_LOAD_REPORT_FILTERS = [
+    (logger, f)
+    for logger in map(logging.getLogger, ("transformers.modeling_utils", "transformers.modeling_layers", "transformers.integrations.peft"))
+    for f in logger.filters
+    if isinstance(f, trl_conftest._DropLoadReport)
+]
+for _logger, _filter in _LOAD_REPORT_FILTERS:
+    _logger.removeFilter(_filter)
 
 sys.path.insert(0, str(Path(__file__).parent))  # this folder's helper modules (pytest runs with importlib mode)
 from trl_offline_hub import build_offline_hub, offline_load_dataset  # noqa: E402
@@ -151,6 +164,15 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def offline_hub(tmp_path_factory):
     return build_offline_hub(tmp_path_factory.mktemp("trl-offline-hub"))
+
+
+@pytest.fixture(autouse=True)
+def _trl_load_report_filters():
+    for logger, f in _LOAD_REPORT_FILTERS:
+        logger.addFilter(f)
+    yield
+    for logger, f in _LOAD_REPORT_FILTERS:
+        logger.removeFilter(f)
 
 
 class TestDPOTrainerOnTRDPO(dpo.TestDPOTrainer):
