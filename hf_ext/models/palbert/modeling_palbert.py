@@ -420,8 +420,8 @@ class PalbertSequenceClassifierOutput(SequenceClassifierOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
-            sum_t p_t L_t + beta KL(p || p_G), averaged over the batch; L_t is the loss of step t's logits for the
-            problem type (see [`PalbertForSequenceClassification`]).
+            sum_t p_t L_t + beta KL(p || p_G), averaged over the labelled examples (single-label labels of -100 are
+            ignored); L_t is the loss of step t's logits for the problem type (see [`PalbertForSequenceClassification`]).
         logits (`torch.FloatTensor` of shape `(B, num_labels)`):
             The prediction of the inference mode: the exit step's logits (`"q_exit"`, `"sample"`), the last
             step's (`"full"`), or the mixture over steps (`"expectation"`, see [`PalbertForSequenceClassification`]).
@@ -446,7 +446,9 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
     sum_t p_t L_t + beta KL(p || p_G) (Eq. 4), L_t the per-example loss of step t's logits y_t for
     `config.problem_type`, set from the labels as in `AlbertForSequenceClassification` when it is `None`:
 
-    - `"single_label_classification"`: cross-entropy (the paper's loss for classification);
+    - `"single_label_classification"`: cross-entropy (the paper's loss for classification); an example labelled -100
+      is left out of the loss, its KL term included, and out of the mean, as `CrossEntropyLoss` leaves it out of
+      ALBERT's (a batch with no other label gives NaN, as there);
     - `"regression"`: squared error (the paper's loss for STS-B, one label), averaged over the labels;
     - `"multi_label_classification"`: binary cross-entropy with logits, averaged over the labels.
 
@@ -586,7 +588,8 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         return log_yes - torch.logsumexp(log_p + F.logsigmoid(-step_logits), dim=1)
 
     def _pondering_loss(self, step_logits, exit_probs, labels, problem_type: str) -> torch.Tensor:
-        """sum_t p_t L_t + beta KL(p || p_G), averaged over the batch (PonderNet Eq. 4); L_t per example `(B, L)`."""
+        """sum_t p_t L_t + beta KL(p || p_G) per example (PonderNet Eq. 4; L_t per example `(B, L)`), averaged over the
+        labelled examples."""
         batch_size, num_steps = exit_probs.shape
         if problem_type == "regression":
             targets = labels.reshape(batch_size, 1, self.num_labels).to(step_logits.dtype)
@@ -600,8 +603,13 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         prior = truncated_geometric_prior(
             self.config.prior_lambda, num_steps, dtype=exit_probs.dtype, device=exit_probs.device
         )
-        task_loss = (exit_probs * per_step).sum(-1).mean()
-        return task_loss + self.config.beta * kl_to_prior(exit_probs, prior).mean()
+        per_example = (exit_probs * per_step).sum(-1) + self.config.beta * kl_to_prior(exit_probs, prior)
+        if problem_type != "single_label_classification":
+            return per_example.mean()
+        # CrossEntropyLoss's ignore_index: an unlabelled example has no task loss, and its KL term would pull p
+        # towards the prior with nothing to balance it, so it leaves the loss and the mean whole.
+        labelled = labels.reshape(batch_size) != -100
+        return torch.where(labelled, per_example, 0.0).sum() / labelled.sum()
 
 
 __all__ = [
