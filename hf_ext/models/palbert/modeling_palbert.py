@@ -314,11 +314,10 @@ class PalbertModel(PalbertPreTrainedModel):
         """
         mode = _resolve_inference_mode(self.config, inference_mode)
         _batch_size(input_ids, inputs_embeds)
-        # 1. embeddings and mask, as ALBERT computes them
+        # 1. embeddings, as ALBERT computes them (the mask is built for the rows each step runs on)
         embeddings = self.embeddings(
             input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
         )
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask)
         hidden = self.encoder.embedding_hidden_mapping_in(embeddings)
         # 2. the batch shrinks as examples exit, unless something needs every step of every example
         recording = any(
@@ -326,8 +325,8 @@ class PalbertModel(PalbertPreTrainedModel):
             for name in ("hidden_states", "attentions")
         )
         if early_exit and not self.training and mode in ("q_exit", "sample") and not recording:
-            return self._ponder_with_early_exit(hidden, mask, mode, **kwargs)
-        return self._ponder_all_steps(hidden, mask, mode, **kwargs)
+            return self._ponder_with_early_exit(hidden, attention_mask, mode, **kwargs)
+        return self._ponder_all_steps(hidden, self._mask(hidden, attention_mask), mode, **kwargs)
 
     # --- one step -----------------------------------------------------------------------------------
 
@@ -335,6 +334,10 @@ class PalbertModel(PalbertPreTrainedModel):
         """Step `step` (0-based) of ALBERT's encoder loop: the layer group that step uses."""
         group = step * self.config.num_hidden_groups // self.config.num_hidden_layers
         return self.encoder.albert_layer_groups[group](hidden, mask, **kwargs)
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The attention mask as the layers' attention implementation wants it, as ALBERT builds it."""
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """`(B, T, H)` -> pooled_t `(B, H)`."""
@@ -375,9 +378,14 @@ class PalbertModel(PalbertPreTrainedModel):
             step_pooler_outputs=torch.stack(step_pooled, dim=1),
         )
 
-    def _ponder_with_early_exit(self, hidden, mask, mode: str, **kwargs) -> PalbertModelOutput:
-        """Steps on a shrinking batch: an example leaves once it exits ("q_exit" or "sample")."""
+    def _ponder_with_early_exit(self, hidden, attention_mask, mode: str, **kwargs) -> PalbertModelOutput:
+        """Steps on a shrinking batch: an example leaves once it exits ("q_exit" or "sample").
+
+        The layers' mask is rebuilt from the remaining rows of `attention_mask` when the batch shrinks: a flex
+        attention `BlockMask` cannot be sliced by rows (its mask function indexes the full batch).
+        """
         batch_size, num_steps = hidden.shape[0], self.config.num_hidden_layers
+        mask = self._mask(hidden, attention_mask)
         last_hidden = torch.empty_like(hidden)
         pooled_at_exit = hidden.new_empty(batch_size, hidden.shape[-1])
         exit_step = torch.full((batch_size,), num_steps, dtype=torch.long, device=hidden.device)
@@ -410,7 +418,9 @@ class PalbertModel(PalbertPreTrainedModel):
                 keep = ~exits
                 rows, hidden, previous = rows[keep], hidden[keep], previous[keep]
                 survival, cdf = survival[keep], cdf[keep]
-                mask = None if mask is None else mask[keep]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[keep]
+                    mask = self._mask(hidden, attention_mask)
         return PalbertModelOutput(last_hidden_state=last_hidden, pooler_output=pooled_at_exit, exit_step=exit_step)
 
 

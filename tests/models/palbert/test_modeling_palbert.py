@@ -247,6 +247,34 @@ def test_q_exit_batch_equals_one_by_one_and_dense_rule():
     torch.testing.assert_close(dense.logits, batch.logits, atol=1e-5, rtol=1e-5)
 
 
+# transformers 5.25 builds flex attention's BlockMask with `create_block_mask(..., _compile=True)`, which torch 2.13
+# deprecates, and torch.compile's first run warns from torch's own modules (`torch.jit.script_method`, autograd
+# Function instances): calls between transformers and torch, hf_ext not involved.
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "attn_implementation",
+    # flex attention compiles once per batch size on CPU: about a minute for the sizes the batch shrinks through
+    ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)],
+)
+def test_q_exit_on_a_shrinking_batch_is_the_same_under_every_attention_implementation(attn_implementation):
+    # Regression test: under flex attention, slicing the mask's rows as the batch shrank raised "Cannot use mask_mod
+    # from a sliced BlockMask"; the mask is now rebuilt from the remaining rows of the padding mask.
+    model = _tiny_palbert(exit_threshold=0.6)
+    input_ids, attention_mask, _ = _batch(batch_size=16)
+    assert model.config._attn_implementation == "sdpa"  # the default
+    expected = model(input_ids, attention_mask=attention_mask)
+    assert len(set(expected.exit_step.tolist())) >= 3  # the batch shrinks several times
+    model.set_attn_implementation(attn_implementation)
+    # torch 2.13's CPU flex-attention kernel, recompiled with a dynamic batch size, indexes out of bounds (ALBERT's
+    # own forward too, on a second batch size): compile each size statically instead.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        out = model(input_ids, attention_mask=attention_mask)
+    assert out.exit_step.tolist() == expected.exit_step.tolist()
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_active_batch_shrinks():
     model = _tiny_palbert()
