@@ -262,7 +262,9 @@ class DDLMModelOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(B, T, V)`):
             Predicted clean-token logits.
         x0_hat (`torch.FloatTensor` of shape `(B, T, d)`):
-            Score interpolation's estimate softmax(logits) @ E of the clean embeddings.
+            Score interpolation's estimate softmax(logits) @ E of the clean embeddings, without gradient (the loss is
+            on `logits`; a next pass takes it as `self_conditioning`). A differentiable one is
+            `interpolate_embeddings(out.logits, model.embedding_matrix())`.
         sigma (`torch.FloatTensor` of shape `(B,)`):
             Noise level of each sequence.
         conditioning_mask (`torch.BoolTensor` of shape `(B, T)`):
@@ -471,18 +473,20 @@ class DDLMModel(DDLMPreTrainedModel):
         noisy = torch.where(conditioning_mask[..., None], clean, clean + sigma.to(clean.dtype)[:, None, None] * noise)
 
         # 2. self-conditioning: a first pass without gradient on a random share of batches (CDCD, self-conditioning)
-        embeddings = self.embedding_matrix()
+        with torch.no_grad():  # E for the x0_hat estimates, which carry no gradient
+            embeddings = self.embedding_matrix()
         if self_conditioning is None and self.training and torch.rand(()) < self.config.self_conditioning_rate:
             with torch.no_grad():
                 first = self.denoise(noisy, sigma, None, conditioning_mask, attention_mask)
                 self_conditioning = interpolate_embeddings(first, embeddings)
 
-        # 3. logits and score interpolation's x0_hat (CDCD, score interpolation)
+        # 3. logits and score interpolation's x0_hat (CDCD, score interpolation). The loss reads only the logits: an
+        # x0_hat with gradient would keep its (B, T, V) softmax alive for backward as long as the output is.
         outputs = self.denoise_outputs(
             noisy, sigma, self_conditioning, conditioning_mask, attention_mask, return_dict=True, **kwargs
         )
         logits = self.lm_head(outputs.last_hidden_state)
-        x0_hat = interpolate_embeddings(logits, embeddings)
+        x0_hat = interpolate_embeddings(logits.detach(), embeddings)
 
         # 4. loss: cross-entropy on the noisy positions, plus the time-warp fit
         loss = time_warp_loss = None

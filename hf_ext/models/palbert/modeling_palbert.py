@@ -314,11 +314,10 @@ class PalbertModel(PalbertPreTrainedModel):
         """
         mode = _resolve_inference_mode(self.config, inference_mode)
         _batch_size(input_ids, inputs_embeds)
-        # 1. embeddings and mask, as ALBERT computes them
+        # 1. embeddings, as ALBERT computes them (the mask is built for the rows each step runs on)
         embeddings = self.embeddings(
             input_ids, position_ids=position_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds
         )
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=embeddings, attention_mask=attention_mask)
         hidden = self.encoder.embedding_hidden_mapping_in(embeddings)
         # 2. the batch shrinks as examples exit, unless something needs every step of every example
         recording = any(
@@ -326,8 +325,8 @@ class PalbertModel(PalbertPreTrainedModel):
             for name in ("hidden_states", "attentions")
         )
         if early_exit and not self.training and mode in ("q_exit", "sample") and not recording:
-            return self._ponder_with_early_exit(hidden, mask, mode, **kwargs)
-        return self._ponder_all_steps(hidden, mask, mode, **kwargs)
+            return self._ponder_with_early_exit(hidden, attention_mask, mode, **kwargs)
+        return self._ponder_all_steps(hidden, self._mask(hidden, attention_mask), mode, **kwargs)
 
     # --- one step -----------------------------------------------------------------------------------
 
@@ -335,6 +334,10 @@ class PalbertModel(PalbertPreTrainedModel):
         """Step `step` (0-based) of ALBERT's encoder loop: the layer group that step uses."""
         group = step * self.config.num_hidden_groups // self.config.num_hidden_layers
         return self.encoder.albert_layer_groups[group](hidden, mask, **kwargs)
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The attention mask as the layers' attention implementation wants it, as ALBERT builds it."""
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """`(B, T, H)` -> pooled_t `(B, H)`."""
@@ -375,9 +378,14 @@ class PalbertModel(PalbertPreTrainedModel):
             step_pooler_outputs=torch.stack(step_pooled, dim=1),
         )
 
-    def _ponder_with_early_exit(self, hidden, mask, mode: str, **kwargs) -> PalbertModelOutput:
-        """Steps on a shrinking batch: an example leaves once it exits ("q_exit" or "sample")."""
+    def _ponder_with_early_exit(self, hidden, attention_mask, mode: str, **kwargs) -> PalbertModelOutput:
+        """Steps on a shrinking batch: an example leaves once it exits ("q_exit" or "sample").
+
+        The layers' mask is rebuilt from the remaining rows of `attention_mask` when the batch shrinks: a flex
+        attention `BlockMask` cannot be sliced by rows (its mask function indexes the full batch).
+        """
         batch_size, num_steps = hidden.shape[0], self.config.num_hidden_layers
+        mask = self._mask(hidden, attention_mask)
         last_hidden = torch.empty_like(hidden)
         pooled_at_exit = hidden.new_empty(batch_size, hidden.shape[-1])
         exit_step = torch.full((batch_size,), num_steps, dtype=torch.long, device=hidden.device)
@@ -410,7 +418,9 @@ class PalbertModel(PalbertPreTrainedModel):
                 keep = ~exits
                 rows, hidden, previous = rows[keep], hidden[keep], previous[keep]
                 survival, cdf = survival[keep], cdf[keep]
-                mask = None if mask is None else mask[keep]
+                if attention_mask is not None:
+                    attention_mask = attention_mask[keep]
+                    mask = self._mask(hidden, attention_mask)
         return PalbertModelOutput(last_hidden_state=last_hidden, pooler_output=pooled_at_exit, exit_step=exit_step)
 
 
@@ -420,8 +430,8 @@ class PalbertSequenceClassifierOutput(SequenceClassifierOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, returned when `labels` are given):
-            sum_t p_t L_t + beta KL(p || p_G), averaged over the batch; L_t is the loss of step t's logits for the
-            problem type (see [`PalbertForSequenceClassification`]).
+            sum_t p_t L_t + beta KL(p || p_G), averaged over the labelled examples (single-label labels of -100 are
+            ignored); L_t is the loss of step t's logits for the problem type (see [`PalbertForSequenceClassification`]).
         logits (`torch.FloatTensor` of shape `(B, num_labels)`):
             The prediction of the inference mode: the exit step's logits (`"q_exit"`, `"sample"`), the last
             step's (`"full"`), or the mixture over steps (`"expectation"`, see [`PalbertForSequenceClassification`]).
@@ -446,7 +456,9 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
     sum_t p_t L_t + beta KL(p || p_G) (Eq. 4), L_t the per-example loss of step t's logits y_t for
     `config.problem_type`, set from the labels as in `AlbertForSequenceClassification` when it is `None`:
 
-    - `"single_label_classification"`: cross-entropy (the paper's loss for classification);
+    - `"single_label_classification"`: cross-entropy (the paper's loss for classification); an example labelled -100
+      is left out of the loss, its KL term included, and out of the mean, as `CrossEntropyLoss` leaves it out of
+      ALBERT's (a batch with no other label gives NaN, as there);
     - `"regression"`: squared error (the paper's loss for STS-B, one label), averaged over the labels;
     - `"multi_label_classification"`: binary cross-entropy with logits, averaged over the labels.
 
@@ -586,7 +598,8 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         return log_yes - torch.logsumexp(log_p + F.logsigmoid(-step_logits), dim=1)
 
     def _pondering_loss(self, step_logits, exit_probs, labels, problem_type: str) -> torch.Tensor:
-        """sum_t p_t L_t + beta KL(p || p_G), averaged over the batch (PonderNet Eq. 4); L_t per example `(B, L)`."""
+        """sum_t p_t L_t + beta KL(p || p_G) per example (PonderNet Eq. 4; L_t per example `(B, L)`), averaged over the
+        labelled examples."""
         batch_size, num_steps = exit_probs.shape
         if problem_type == "regression":
             targets = labels.reshape(batch_size, 1, self.num_labels).to(step_logits.dtype)
@@ -600,8 +613,13 @@ class PalbertForSequenceClassification(PalbertPreTrainedModel):
         prior = truncated_geometric_prior(
             self.config.prior_lambda, num_steps, dtype=exit_probs.dtype, device=exit_probs.device
         )
-        task_loss = (exit_probs * per_step).sum(-1).mean()
-        return task_loss + self.config.beta * kl_to_prior(exit_probs, prior).mean()
+        per_example = (exit_probs * per_step).sum(-1) + self.config.beta * kl_to_prior(exit_probs, prior)
+        if problem_type != "single_label_classification":
+            return per_example.mean()
+        # CrossEntropyLoss's ignore_index: an unlabelled example has no task loss, and its KL term would pull p
+        # towards the prior with nothing to balance it, so it leaves the loss and the mean whole.
+        labelled = labels.reshape(batch_size) != -100
+        return torch.where(labelled, per_example, 0.0).sum() / labelled.sum()
 
 
 __all__ = [

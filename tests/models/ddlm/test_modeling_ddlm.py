@@ -99,6 +99,18 @@ def test_embeddings_are_normalized_and_x0_hat_is_softmax_times_E(model):
     torch.testing.assert_close(out.x0_hat, torch.einsum("btv,vd->btd", out.logits.softmax(-1), E))
 
 
+def test_x0_hat_carries_no_gradient_in_training():
+    # Regression test: x0_hat was computed with gradient, so a training forward kept its (B, T, V) softmax alive for
+    # backward as long as the output was, though the loss never reads it.
+    torch.manual_seed(0)
+    model = DDLMModel(tiny_config(self_conditioning_rate=0.0)).train()
+    ids = torch.randint(0, 40, (2, 6))
+    out = model(ids, labels=ids, sigma=torch.tensor([1.5, 6.0]))
+    assert out.logits.requires_grad and out.loss.requires_grad
+    assert not out.x0_hat.requires_grad and out.x0_hat.grad_fn is None
+    torch.testing.assert_close(out.x0_hat, out.logits.detach().softmax(-1) @ model.embedding_matrix().detach())
+
+
 def test_forward_matches_plain_reference(model):
     ids = torch.randint(0, 40, (3, 7))
     sigma, noise = torch.tensor([1.0, 3.0, 9.0]), torch.randn(3, 7, 8)

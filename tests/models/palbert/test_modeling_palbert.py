@@ -247,6 +247,34 @@ def test_q_exit_batch_equals_one_by_one_and_dense_rule():
     torch.testing.assert_close(dense.logits, batch.logits, atol=1e-5, rtol=1e-5)
 
 
+# transformers 5.25 builds flex attention's BlockMask with `create_block_mask(..., _compile=True)`, which torch 2.13
+# deprecates, and torch.compile's first run warns from torch's own modules (`torch.jit.script_method`, autograd
+# Function instances): calls between transformers and torch, hf_ext not involved.
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch")
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "attn_implementation",
+    # flex attention compiles once per batch size on CPU: about a minute for the sizes the batch shrinks through
+    ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)],
+)
+def test_q_exit_on_a_shrinking_batch_is_the_same_under_every_attention_implementation(attn_implementation):
+    # Regression test: under flex attention, slicing the mask's rows as the batch shrank raised "Cannot use mask_mod
+    # from a sliced BlockMask"; the mask is now rebuilt from the remaining rows of the padding mask.
+    model = _tiny_palbert(exit_threshold=0.6)
+    input_ids, attention_mask, _ = _batch(batch_size=16)
+    assert model.config._attn_implementation == "sdpa"  # the default
+    expected = model(input_ids, attention_mask=attention_mask)
+    assert len(set(expected.exit_step.tolist())) >= 3  # the batch shrinks several times
+    model.set_attn_implementation(attn_implementation)
+    # torch 2.13's CPU flex-attention kernel, recompiled with a dynamic batch size, indexes out of bounds (ALBERT's
+    # own forward too, on a second batch size): compile each size statically instead.
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        out = model(input_ids, attention_mask=attention_mask)
+    assert out.exit_step.tolist() == expected.exit_step.tolist()
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-4, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_active_batch_shrinks():
     model = _tiny_palbert()
@@ -344,6 +372,7 @@ def test_pondering_loss_and_expectation_use_the_problem_types_per_step_loss(prob
         (None, 3, "multi_hot", "multi_label_classification"),
         ("regression", 3, "float", "regression"),
         ("single_label_classification", 3, "long", "single_label_classification"),
+        (None, 3, "long_some_ignored", "single_label_classification"),  # -100: CrossEntropyLoss's ignore_index
         ("multi_label_classification", 3, "multi_hot", "multi_label_classification"),
     ],
 )
@@ -364,6 +393,7 @@ def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_ste
     labels = {
         "float": torch.randn(batch_size, num_labels).squeeze(-1),
         "long": torch.randint(0, num_labels, (batch_size,)),
+        "long_some_ignored": torch.randint(0, num_labels, (batch_size,)).index_fill(0, torch.tensor([0, 3, 4]), -100),
         "multi_hot": (torch.rand(batch_size, num_labels) < 0.5).float(),
     }[label_kind]
     out = model(input_ids, attention_mask=attention_mask, labels=labels)
@@ -371,6 +401,25 @@ def test_problem_types_give_albert_loss_when_every_example_exits_at_the_last_ste
     assert model.config.problem_type == albert.config.problem_type == inferred
     torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.logits, expected.logits)
+
+
+def test_examples_labelled_minus_100_leave_the_loss_whole():
+    # Regression test: an example labelled -100 added 0 to the task term but its KL term to the loss and 1 to the
+    # count of the mean. Left out whole, the loss is the loss of the labelled examples alone.
+    model = _tiny_palbert()
+    input_ids, attention_mask, _ = _batch()
+    labels = torch.randint(0, 2, (input_ids.shape[0],))
+    ignored = torch.tensor([1, 2, 7])
+    kept = torch.tensor([i for i in range(len(labels)) if i not in ignored.tolist()])
+    out = model(input_ids, attention_mask=attention_mask, labels=labels.index_fill(0, ignored, -100))
+    alone = model(input_ids[kept], attention_mask=attention_mask[kept], labels=labels[kept])
+    prior = truncated_geometric_prior(0.1, NUM_STEPS)
+    assert (kl_to_prior(out.exit_probs[ignored], prior) > 0.5).all()  # the ignored examples' KL terms are far from 0
+    torch.testing.assert_close(out.loss, alone.loss, atol=1e-5, rtol=1e-5)
+    # No labelled example at all: NaN, the 0 / 0 of ALBERT's CrossEntropyLoss
+    nothing = model(input_ids, attention_mask=attention_mask, labels=torch.full_like(labels, -100))
+    assert torch.isnan(nothing.loss)
+    assert torch.isnan(F.cross_entropy(nothing.logits, torch.full_like(labels, -100)))
 
 
 @pytest.mark.parametrize(
