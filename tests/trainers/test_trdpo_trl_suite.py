@@ -149,11 +149,14 @@ def _trdpo_config(rule: dict):
 
 
 def _variants(test_name: str) -> list:
-    """Quick tests: both rules, not slow. Others: slow, the soft rule; all three variants with HF_EXT_TRL_SUITE=full."""
-    if test_name in QUICK:
-        return [pytest.param(name, id=name) for name in ("TRDPO-soft", "TRDPO-hard")]
+    """Quick tests: both rules, not slow. Others: slow, the soft rule. HF_EXT_TRL_SUITE=full adds the remaining
+    variants of every test, slow."""
+    quick = ["TRDPO-soft", "TRDPO-hard"] if test_name in QUICK else []
     names = RULES if os.environ.get("HF_EXT_TRL_SUITE") == "full" else ["TRDPO-soft"]
-    return [pytest.param(name, marks=pytest.mark.slow, id=name) for name in names]
+    slow = [name for name in names if name not in quick]
+    return [pytest.param(name, id=name) for name in quick] + [
+        pytest.param(name, marks=pytest.mark.slow, id=name) for name in slow
+    ]
 
 
 def pytest_generate_tests(metafunc):
