@@ -526,6 +526,23 @@ def test_auto_model_loads_the_base_model_from_a_palbert_folder(tmp_path):
             assert torch.equal(out.exit_step, expected.exit_step)
 
 
+def test_checkpoint_with_the_earlier_top_level_lambda_head_loads_whole(tmp_path):
+    # Checkpoints saved before the exit head moved under the base model (`lambda_head.*`, now `albert.lambda_head.*`)
+    # load through transformers' base-model-prefix handling: nothing missing or unexpected, the same weights.
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_palbert()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    earlier = {key.removeprefix("albert."): v for key, v in load_file(weights).items() if "lambda_head." in key}
+    assert earlier and all(key.startswith("lambda_head.") for key in earlier)
+    others = {key: v for key, v in load_file(weights).items() if "lambda_head." not in key}
+    save_file({**others, **earlier}, weights, metadata={"format": "pt"})
+    loaded, info = PalbertForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize(
     "auto_class, hf_ext_importable",
     [
