@@ -193,6 +193,24 @@ def tiny_albert(seed: int = 0, tokenizer=None, num_labels: int = 2, **overrides)
     return AlbertForSequenceClassification(config).eval()
 
 
+
+def tiny_ddlm(seed: int = 0, tokenizer=None, **overrides):
+    """A random 1-block DDLM (embedding 8, hidden 32, 2 heads, 16 positions) with a non-trivial time warp.
+
+    The warp's logits are drawn after the weights (uniform logits are the initial value), so that a save/load test
+    notices a warp that was not kept.
+    """
+    from hf_ext.models.ddlm import DDLMConfig, DDLMModel
+
+    sizes = dict(embedding_dim=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=16, time_warp_bins=8)
+    config = _tiny_config(DDLMConfig, sizes, tokenizer, overrides)
+    torch.manual_seed(seed)
+    model = DDLMModel(config).eval()
+    with torch.no_grad():
+        model.time_warp.logits.normal_()
+    return model
+
 _FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -17,6 +17,7 @@ from hf_ext.testing import (
     tiny_albert,
     tiny_causal_lm,
     tiny_corpus,
+    tiny_ddlm,
     tiny_gpt2,
     tiny_llama,
     tiny_roberta,
@@ -68,7 +69,7 @@ def test_bpe_tokenizer_encodes_any_text_and_shares_the_special_tokens():
 tiny_qwen2 = partial(tiny_causal_lm, "qwen2")
 
 
-@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert, tiny_t5, tiny_qwen2])
+@pytest.mark.parametrize("builder", [tiny_gpt2, tiny_llama, tiny_roberta, tiny_albert, tiny_t5, tiny_qwen2, tiny_ddlm])
 def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer):
     model = builder()
     assert model.config.vocab_size == len(tiny_tokenizer)
@@ -82,10 +83,21 @@ def test_tiny_models_match_the_tokenizer_and_are_seeded(builder, tiny_tokenizer)
 
 @pytest.mark.parametrize(
     ("builder", "field"), [(tiny_gpt2, "n_layer"), (tiny_llama, "num_hidden_layers"), (tiny_roberta, "num_hidden_layers"),
-                           (tiny_albert, "num_hidden_layers"), (tiny_t5, "num_layers"), (tiny_qwen2, "num_hidden_layers")]
+                           (tiny_albert, "num_hidden_layers"), (tiny_t5, "num_layers"), (tiny_qwen2, "num_hidden_layers"),
+                           (tiny_ddlm, "num_hidden_layers")]
 )
 def test_tiny_models_take_overrides_of_their_sizes(builder, field):
     assert getattr(builder(**{field: 3}).config, field) == 3
+
+
+def test_tiny_ddlm_time_warp_is_not_the_initial_uniform_one():
+    from hf_ext import DDLMModel
+
+    model = tiny_ddlm()
+    logits = model.time_warp.logits
+    assert logits.shape == (8,) and logits.std() > 0.1
+    initial = DDLMModel(model.config).time_warp.logits
+    assert torch.equal(initial, torch.zeros(8))  # what the builder must move away from
 
 
 @pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_moe", "lfm2"])

@@ -3,21 +3,15 @@
 import pytest
 import torch
 
-from hf_ext import DDLMConfig, DDLMModel, DDLMPipeline, DDLMScheduler
+from hf_ext import DDLMPipeline, DDLMScheduler
+from hf_ext.testing import tiny_ddlm
 
 LENGTH, STEPS = 10, 12
 
 
 @pytest.fixture
 def pipe(tiny_tokenizer):
-    torch.manual_seed(0)
-    config = DDLMConfig(vocab_size=len(tiny_tokenizer), embedding_dim=8, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=16, time_warp_bins=8,
-                        pad_token_id=tiny_tokenizer.pad_token_id)
-    model = DDLMModel(config).eval()
-    with torch.no_grad():
-        model.time_warp.logits.copy_(torch.randn(8))  # a non-trivial warp, so it must survive save/load
-    pipeline = DDLMPipeline(model=model, scheduler=DDLMScheduler(), tokenizer=tiny_tokenizer)
+    pipeline = DDLMPipeline(model=tiny_ddlm(tokenizer=tiny_tokenizer), scheduler=DDLMScheduler(), tokenizer=tiny_tokenizer)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

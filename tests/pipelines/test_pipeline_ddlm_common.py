@@ -33,8 +33,8 @@ import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
 from peer_suites import peer_module
 
-from hf_ext import DDLMConfig, DDLMModel, DDLMPipeline, DDLMScheduler
-from hf_ext.testing import get_tiny_tokenizer
+from hf_ext import DDLMPipeline, DDLMScheduler
+from hf_ext.testing import get_tiny_tokenizer, tiny_ddlm
 
 with warnings.catch_warnings():
     # diffusers' own tests/models/testing_utils/lora.py imports `diffusers.utils.testing_utils`, which diffusers
@@ -54,14 +54,7 @@ class DDLMPipelineFastTests(common.PipelineTesterMixin, unittest.TestCase):
 
     def get_dummy_components(self):
         tokenizer = get_tiny_tokenizer()
-        torch.manual_seed(0)
-        config = DDLMConfig(vocab_size=len(tokenizer), embedding_dim=8, hidden_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=16, time_warp_bins=8,
-                            pad_token_id=tokenizer.pad_token_id)
-        model = DDLMModel(config).eval()
-        with torch.no_grad():
-            model.time_warp.logits.normal_()  # a non-trivial warp, so save/load must keep it
-        return {"model": model, "scheduler": DDLMScheduler(), "tokenizer": tokenizer}
+        return {"model": tiny_ddlm(tokenizer=tokenizer), "scheduler": DDLMScheduler(), "tokenizer": tokenizer}
 
     def get_dummy_inputs(self, device, seed=0):
         generator_device = "cpu" if str(device).startswith("mps") else device
