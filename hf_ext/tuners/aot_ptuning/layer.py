@@ -198,6 +198,19 @@ def build_table(config, embedding_weight: torch.Tensor, hidden_size: int) -> AoT
     return AoTRawTable(vocab_size, hidden_size, config.init_weights)
 
 
+def rows_by_adapter(adapter_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The row indices of ``batch`` that each adapter in ``adapter_names`` (one name per example) takes, on
+    ``batch``'s device, in order of first appearance."""
+    if len(adapter_names) != batch.shape[0]:
+        raise ValueError(
+            f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
+            f"of {batch.shape[0]}."
+        )
+    return {
+        name: torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=batch.device)
+        for name in dict.fromkeys(adapter_names)
+    }
+
 class AoTPTuningLayer(nn.Module, BaseTunerLayer):
     """A Transformer layer with AoT P-Tuning biases added to its input hidden states.
 
@@ -269,14 +282,8 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         gathered and copied into place (with 4 interleaved adapters about 2x the gather of a one-adapter batch,
         see BENCHMARKS.md).
         """
-        if len(adapter_names) != hidden_states.shape[0]:
-            raise ValueError(
-                f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
-                f"of {hidden_states.shape[0]}."
-            )
         bias = torch.empty_like(hidden_states)
-        for adapter_name in dict.fromkeys(adapter_names):
-            rows = torch.tensor([b for b, name in enumerate(adapter_names) if name == adapter_name], device=bias.device)
+        for adapter_name, rows in rows_by_adapter(adapter_names, hidden_states).items():
             if adapter_name in self.aot_reparam:
                 part = self.bias(adapter_name, token_ids.index_select(0, rows))  # [n, T, d]
                 bias.index_copy_(0, rows, part.to(bias.dtype))

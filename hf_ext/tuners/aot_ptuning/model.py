@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import AoTPTuningConfig
-from .layer import AoTPTuningLayer, AoTTokenIds
+from .layer import AoTPTuningLayer, AoTTokenIds, rows_by_adapter
 
 # Where transformers keeps its Transformer layers: BERT/RoBERTa/DeBERTa `encoder.layer`, Llama `model.layers`,
 # GPT-2 `transformer.h`, T5 `encoder.block` and `decoder.block`, others `blocks`.
@@ -93,14 +93,8 @@ def _route_by_adapter(wrapper: ModulesToSaveWrapper, adapter_names: list[str], h
     PEFT's own mixed-batch path for `modules_to_save` handles only single `nn.Linear`/`nn.Embedding`/conv
     modules, while classification heads such as `RobertaClassificationHead` are small stacks of them.
     """
-    if len(adapter_names) != hidden_states.shape[0]:
-        raise ValueError(
-            f"`adapter_names` must name one adapter per example: got {len(adapter_names)} names for a batch "
-            f"of {hidden_states.shape[0]}."
-        )
     output = None
-    for name in dict.fromkeys(adapter_names):
-        rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=hidden_states.device)
+    for name, rows in rows_by_adapter(adapter_names, hidden_states).items():
         head = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
         part = head(hidden_states[rows], *args, **kwargs)
         if output is None:
