@@ -68,7 +68,8 @@ def check_output_folder(path: str | os.PathLike, *, overwrite: bool | Collection
     entries = sorted(p.name for p in path.iterdir())
     if not overwrite and entries:
         raise ValueError(f"`{arg}`={str(path)!r} is not empty; pass overwrite=True to replace it.")
-    others = [name for name in entries if name not in set(overwrite or ())]
+    replaceable = set(overwrite or ())
+    others = [name for name in entries if name not in replaceable]
     if others:
         raise ValueError(
             f"`{arg}`={str(path)!r} holds files that writing there would delete: {others[:_MAX_LISTED]}; "

@@ -242,8 +242,7 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     return dtype
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> None:
-    check_output_folder(out_dir, overwrite=overwrite)
+def _check_no_overlap(out_dir: Path, inputs: list[Path]) -> None:
     resolved = out_dir.resolve()
     for folder in inputs:
         folder = folder.resolve()
@@ -321,10 +320,10 @@ def interpolate_checkpoints(
     shard_size = _check_shard_size(shard_size)
     dtype = _parse_dtype(dtype)
     out_dir = Path(out_dir).expanduser()
-    _check_out_dir(out_dir, overwrite, [])  # fail fast, before any download
+    check_output_folder(out_dir, overwrite=overwrite)  # fail fast, before any download
     base_folder = resolve_model_folder(base, "base", cache_dir)
     tuned_folder = resolve_model_folder(tuned, "tuned", cache_dir)
-    _check_out_dir(out_dir, overwrite, [base_folder, tuned_folder])
+    _check_no_overlap(out_dir, [base_folder, tuned_folder])
     base_ckpt, tuned_ckpt = Checkpoint(base_folder, "base"), Checkpoint(tuned_folder, "tuned")
     check_same_architecture(base_ckpt, tuned_ckpt)
     check_tensor_specs(base_ckpt.specs(), tuned_ckpt.specs())
