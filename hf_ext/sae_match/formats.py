@@ -73,6 +73,8 @@ _SAELENS_UNSUPPORTED = {
     "temporal": "attends over earlier tokens' features",
     "matching_pursuit": "selects features one after another by matching pursuit",
 }
+# sparsify activations other than TopK, and why they cannot be loaded.
+_SPARSIFY_UNSUPPORTED = {"groupmax": "keeps the largest pre-activation in each of k groups of latents"}
 # Tensors of a SAELens sae_weights.safetensors that the reader uses (`scaling_factor` only when all ones).
 _SAELENS_TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "scaling_factor"}
 _SPARSIFY_TENSORS = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
@@ -183,14 +185,11 @@ def _read_saelens(folder: Path) -> SparseAutoencoder:
     cfg_path = folder / "cfg.json"
     cfg = _saelens_6_config(_read_json(cfg_path), cfg_path)
     architecture = cfg.get("architecture", "standard")
-    if architecture in _SAELENS_UNSUPPORTED:
-        raise ValueError(
-            f"SAELens architecture {architecture!r} in {cfg_path} is not supported: it "
-            f"{_SAELENS_UNSUPPORTED[architecture]}; supported: {sorted(_SAELENS_ACTIVATIONS)}."
-        )
     if architecture not in _SAELENS_ACTIVATIONS:
+        reason = _SAELENS_UNSUPPORTED.get(architecture)
         raise ValueError(
-            f"SAELens architecture {architecture!r} in {cfg_path} is not supported; supported: {sorted(_SAELENS_ACTIVATIONS)}."
+            f"SAELens architecture {architecture!r} in {cfg_path} is not supported{f': it {reason}' if reason else ''}; "
+            f"supported: {sorted(_SAELENS_ACTIVATIONS)}."
         )
     normalize = cfg.get("normalize_activations", "none")
     if normalize != "none":
@@ -275,13 +274,12 @@ def _read_sparsify(folder: Path) -> SparseAutoencoder:
     cfg_path = folder / "cfg.json"
     cfg = _read_json(cfg_path)
     activation = cfg.get("activation", "topk")
-    if activation == "groupmax":
-        raise ValueError(
-            f"sparsify activation 'groupmax' in {cfg_path} is not supported: it keeps the largest pre-activation in "
-            "each of k groups of latents; supported: 'topk'."
-        )
     if activation != "topk":
-        raise ValueError(f"sparsify activation {activation!r} in {cfg_path} is not supported; supported: 'topk'.")
+        reason = _SPARSIFY_UNSUPPORTED.get(activation)
+        raise ValueError(
+            f"sparsify activation {activation!r} in {cfg_path} is not supported{f': it {reason}' if reason else ''}; "
+            "supported: 'topk'."
+        )
     if cfg.get("skip_connection"):
         raise ValueError(
             f"sparsify `skip_connection`=True in {cfg_path} is not supported: it adds a linear path `x @ W_skip.T` "

@@ -73,9 +73,7 @@ class Matching:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (``permutation``, ``cost``; the rest in its metadata)."""
-        from safetensors.torch import save_file
-
-        _atomic_save(save_file, {"permutation": self.permutation, "cost": self.cost}, path, self._metadata())
+        _atomic_save({"permutation": self.permutation, "cost": self.cost}, path, self._metadata())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Matching":
@@ -94,7 +92,9 @@ def _parse_metadata(meta: dict[str, str]) -> dict:
     return {"using": tuple(json.loads(meta["using"])), "method": meta["method"], "folded": json.loads(meta["folded"])}
 
 
-def _atomic_save(save_file, tensors: dict, path, metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: dict, path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     from hf_ext.atomic import atomic_file
 
     with atomic_file(path) as tmp:
@@ -525,13 +525,11 @@ class LayerMatchings:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write all matchings to one safetensors file (keys ``"{l}.permutation"``, ``"{l}.cost"``)."""
-        from safetensors.torch import save_file
-
         tensors, meta = {}, {}
         for layer, matching in enumerate(self.matchings):
             tensors[f"{layer}.permutation"], tensors[f"{layer}.cost"] = matching.permutation, matching.cost
             meta[str(layer)] = json.dumps(matching._metadata())
-        _atomic_save(save_file, tensors, path, meta)
+        _atomic_save(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerMatchings":

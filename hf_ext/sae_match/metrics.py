@@ -180,12 +180,12 @@ def collect_hidden_states(
     collected = {layer: [] for layer in layers}
     captured = {}  # this batch's outputs, by layer
     hooks = {layer: (lambda m, i, o, layer=layer: captured.__setitem__(layer, _output_hidden(o))) for layer in layers}
-    for batch in _batches(tokenizer, texts, batch_size, max_length, device):
-        mask = _token_mask(batch, tokenizer)
-        with _hooks(modules, hooks):
+    with _hooks(modules, hooks):
+        for batch in _batches(tokenizer, texts, batch_size, max_length, device):
             model(**batch)
-        for layer in layers:
-            collected[layer].append(captured[layer][mask].float().cpu())
+            mask = _token_mask(batch, tokenizer)
+            for layer in layers:
+                collected[layer].append(captured[layer][mask].float().cpu())
     return {layer: torch.cat(parts) for layer, parts in collected.items()}
 
 
