@@ -407,10 +407,9 @@ class _FullReference:
     """
 
     def __init__(self, policy: torch.nn.Module, reference: torch.nn.Module, zero3: bool = False):
-        pair_parameters(policy, reference)  # fail on a mismatch now
         self.policy, self.reference, self.zero3 = policy, reference, zero3
         self.master: dict[str, torch.Tensor] = {}
-        self.pairs = None
+        self.bind()  # fails on a mismatch now
 
     def bind(self) -> None:
         """Pair the parameters again: accelerate's FSDP2 replaces the policy's parameters when it shards them."""
@@ -445,8 +444,6 @@ class _FullReference:
     @torch.no_grad()
     def update(self, alpha: float, measure: bool = True) -> dict[str, float]:
         """Move the reference towards the policy by ``alpha``; with ``measure``, return ``ref/distance`` from before."""
-        if self.pairs is None:
-            self.bind()
         distance_sq = _SumOfSquares()
         for group in self._groups():
             with _gathered([t for _, param, ref in group for t in (param, ref)], self.zero3):
@@ -470,14 +467,10 @@ class _FullReference:
     @torch.no_grad()
     def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The whole reference (fp32 masters where kept), on the CPU; every rank joins, those without ``keep`` get {}."""
-        if self.pairs is None:
-            self.bind()
         return _whole_state(self.pairs, self.master, self.zero3, keep)
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.pairs is None:
-            self.bind()
         for name, _, ref in self.pairs:
             if name not in state:
                 raise ValueError(f"The saved reference has no parameter `{name}`.")
@@ -559,10 +552,12 @@ class _LoraReference:
         for option in ("use_dora", "lora_bias"):
             if getattr(config, option, False):
                 raise ValueError(f"TRDPOTrainer does not support LoRA with `{option}=True`: its delta is not B·A·s.")
-        self.layers = [
-            (name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and self.adapter in m.scaling
+        self.layers = [  # (name, layer, experts)
+            (name, m, _num_experts(m))
+            for name, m in model.named_modules()
+            if isinstance(m, LoraLayer) and self.adapter in m.scaling
         ]
-        for name, layer in self.layers:
+        for name, layer, _ in self.layers:
             if self.adapter in layer.lora_variant:
                 raise ValueError(
                     f"LoRA layer `{name}` uses the variant {type(layer.lora_variant[self.adapter]).__name__}, whose "
@@ -593,8 +588,8 @@ class _LoraReference:
             if f".{self.ref_adapter}." in name:
                 param.requires_grad_(False)
         self.master: dict[str, torch.Tensor] = {}
-        self.extras = None
-        self.update(1.0)  # start from the policy: ΔW_ref = ΔW
+        self.bind()
+        self.update(1.0, measure=False)  # start from the policy: ΔW_ref = ΔW
 
     def bind(self) -> None:
         """Pair the elementwise adapter parameters again (accelerate's FSDP2 replaces parameters when sharding)."""
@@ -618,35 +613,32 @@ class _LoraReference:
     @torch.no_grad()
     def update(self, alpha: float, measure: bool = True) -> dict[str, float]:
         """Mix the reference adapter towards the policy's; with ``measure``, also return the logged values."""
-        if self.extras is None:
-            self.bind()
         distance_sq, worst_error = _SumOfSquares(), 0.0
-        for name, layer in self.layers:
-            experts = _num_experts(layer)
+        for name, layer, experts in self.layers:
             policy_b, policy_a = _lora_params(layer, self.adapter)
             ref_b, ref_a = _lora_params(layer, self.ref_adapter)
             with _gathered([policy_b, policy_a, ref_b, ref_a], self.zero3):
                 if not _is_writer(self.zero3):
                     continue
                 policy = (*_factors(_full(policy_b), _full(policy_a), experts), float(layer.scaling[self.adapter]))
-                if f"{name}.lora_B" in self.master:
+                parts = [(policy[0], policy[1], alpha * policy[2])]
+                if measure or alpha < 1.0:  # the first update (alpha = 1, in __init__) has no reference yet
                     ref = (self.master[f"{name}.lora_B"], self.master[f"{name}.lora_A"], 1.0)
-                else:
-                    ref = (*_factors(_full(ref_b), _full(ref_a), experts), 1.0)
-                if measure:
-                    distance_sq.add(low_rank_distance_sq(policy, ref))
-                parts = [(policy[0], policy[1], alpha * policy[2])] + (
-                    [(ref[0], ref[1], 1.0 - alpha)] if alpha < 1.0 else []
-                )
+                    if measure:
+                        distance_sq.add(low_rank_distance_sq(policy, ref))
+                    if alpha < 1.0:
+                        parts.append((ref[0], ref[1], 1.0 - alpha))
                 new_b, new_a, error = mix_low_rank(parts, self.rank)
                 worst_error = max(worst_error, error)
-                self._store(name, layer, new_b, new_a)
+                self._store(name, layer, experts, new_b, new_a)
         for name, param, ref in self.extras:
             with _gathered([param, ref], self.zero3):
                 if not _is_writer(self.zero3):
                     continue
                 local = _local(ref)
-                target = self.master.setdefault(name, local.float().clone())
+                if name not in self.master:
+                    self.master[name] = local.float().clone()
+                target = self.master[name]
                 policy = _local(param).to(device=target.device, dtype=torch.float32)
                 distance_sq.add(mix_group_([target], [policy], alpha, measure), shard=self.sharded)
                 local.copy_(target)
@@ -655,19 +647,17 @@ class _LoraReference:
         values = {"ref/distance": distance_sq.sqrt(self.sharded), "ref/truncation_error": worst_error}
         return _from_writer(values, self.zero3, _lora_params(self.layers[0][1], self.adapter)[0].device)
 
-    def _store(self, name: str, layer, new_b: torch.Tensor, new_a: torch.Tensor) -> None:
+    def _store(self, name: str, layer, experts: int, new_b: torch.Tensor, new_a: torch.Tensor) -> None:
         """Keep the fp32 factors of layer ``name`` and write them into its reference adapter."""
         self.master[f"{name}.lora_B"], self.master[f"{name}.lora_A"] = new_b, new_a
         ref_b, ref_a = _lora_params(layer, self.ref_adapter)
-        b, a = _unfactor(new_b, new_a, _num_experts(layer), ref_b, ref_a)
+        b, a = _unfactor(new_b, new_a, experts, ref_b, ref_a)
         for param, value in ((ref_b, b), (ref_a, a)):
             _local(param).copy_(_local_of_full(value.to(_local(param).device), param))
 
     @torch.no_grad()
     def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """The reference factors and elementwise parameters (fp32, CPU); every rank joins, only ``keep`` gets them."""
-        if self.extras is None:
-            self.bind()
         state = _whole_state(self.extras, self.master, self.zero3, keep)
         if keep:  # the factors: whole on every rank (rank 0 under ZeRO-3)
             state.update({key: value.detach().cpu().clone() for key, value in self.master.items() if key not in state})
@@ -675,16 +665,14 @@ class _LoraReference:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.extras is None:
-            self.bind()
-        for name, layer in self.layers:
+        for name, layer, experts in self.layers:
             for key in (f"{name}.lora_B", f"{name}.lora_A"):
                 if key not in state:
                     raise ValueError(f"The saved reference adapter has no tensor `{key}`.")
             with _gathered(list(_lora_params(layer, self.ref_adapter)), self.zero3):
                 if _is_writer(self.zero3):
                     device = _local(_lora_params(layer, self.ref_adapter)[0]).device
-                    self._store(name, layer, state[f"{name}.lora_B"].to(device), state[f"{name}.lora_A"].to(device))
+                    self._store(name, layer, experts, state[f"{name}.lora_B"].to(device), state[f"{name}.lora_A"].to(device))
         for name, _, ref in self.extras:
             if name not in state:
                 raise ValueError(f"The saved reference adapter has no tensor `{name}`.")
