@@ -8,6 +8,14 @@ _PACKAGES = ["hf-ext", "torch", "transformers", "trl", "peft", "diffusers", "acc
              "huggingface_hub", "safetensors", "scipy", "fla-core", "triton"]
 
 
+def installed_version(distribution: str) -> str:
+    """The installed version of ``distribution``, or ``"not installed"``."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def collect_env() -> dict[str, str]:
     """Python, platform, package versions ("not installed" where missing) and the torch build and device.
 
@@ -16,13 +24,10 @@ def collect_env() -> dict[str, str]:
     """
     import torch
 
+    torch_build = f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
     info = {"python": platform.python_version(), "platform": platform.platform()}
     for name in _PACKAGES:
-        try:
-            info[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            info[name] = "not installed"
-    info["torch"] = f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
+        info[name] = torch_build if name == "torch" else installed_version(name)
 
     if torch.cuda.is_available():
         info["device"] = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"

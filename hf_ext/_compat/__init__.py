@@ -16,11 +16,12 @@ Overriding a method that a base class documents as its subclass hook (``PreTrain
 """
 
 import importlib
-import importlib.metadata
 import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from hf_ext.env import installed_version
 
 
 class PrivateAPIChanged(RuntimeError):
@@ -83,15 +84,8 @@ def _checked_note(function: str) -> str:
     touch = PRIVATE_TOUCHES.get(function)
     if touch is None:
         return ""
-    installed = _installed_version(touch.library)
+    installed = installed_version(touch.library)
     return f"hf_ext checked it on {touch.library} {touch.checked_on} (installed: {installed})."
-
-
-def _installed_version(library: str) -> str:
-    try:
-        return importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def load_all_touches() -> dict[str, PrivateTouch]:
