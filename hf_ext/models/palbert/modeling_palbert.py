@@ -348,6 +348,7 @@ class PalbertModel(PalbertPreTrainedModel):
     def _ponder_all_steps(self, hidden, mask, mode: str, **kwargs) -> PalbertModelOutput:
         """Every step for every example; the exit steps are read from p by the mode's rule."""
         num_steps = self.config.num_hidden_layers
+        selects_steps = mode in ("q_exit", "sample")  # "full" and "expectation" read the last step's states only
         previous = torch.zeros_like(hidden[:, 0])  # pooled_0 = 0
         step_hidden, step_pooled, lambdas = [], [], []
         for step in range(num_steps):
@@ -355,14 +356,15 @@ class PalbertModel(PalbertPreTrainedModel):
             pooled = self._pool(hidden)
             if step < num_steps - 1:  # the last step exits with the remaining mass, whatever lambda_L says
                 lambdas.append(torch.sigmoid(self.lambda_head(pooled, previous)))
-            step_hidden.append(hidden)
+            if selects_steps:
+                step_hidden.append(hidden)
             step_pooled.append(pooled)
             previous = pooled
         lambdas = torch.stack(lambdas, dim=1) if lambdas else hidden.new_zeros(hidden.shape[0], 0)
         exit_probs = exit_distribution(lambdas)
-        if mode in ("full", "expectation"):  # every example reads every step, and ends at step L
+        if not selects_steps:  # every example reads every step, and ends at step L
             exit_step = torch.full_like(exit_probs[:, 0], num_steps, dtype=torch.long)
-            last_hidden, pooled_at_exit = step_hidden[-1], step_pooled[-1]
+            last_hidden, pooled_at_exit = hidden, step_pooled[-1]
         else:
             if mode == "q_exit":
                 exit_step = q_exit_step(exit_probs, self.config.exit_threshold)
