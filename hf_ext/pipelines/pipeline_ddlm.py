@@ -82,6 +82,11 @@ def _call_on_device(module: torch.nn.Module, method: str, *args):
     return getattr(module, method)(*args)
 
 
+
+def _prompt_list(prompt: str | list[str] | None) -> list[str]:
+    """The prompts of a call, one per group of `num_samples_per_prompt` samples (`""`: unconditional)."""
+    return [""] if prompt is None else [prompt] if isinstance(prompt, str) else prompt
+
 class DDLMPipeline(DiffusionPipeline):
     r"""Text generation with a [`DDLMModel`] and a [`DDLMScheduler`], with per-sample early exit.
 
@@ -131,7 +136,7 @@ class DDLMPipeline(DiffusionPipeline):
             raise ValueError(f"`early_exit` must be one of {HALTING_CRITERIA} or None, got {early_exit!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        batch_size = (1 if prompt is None or isinstance(prompt, str) else len(prompt)) * num_samples_per_prompt
+        batch_size = len(_prompt_list(prompt)) * num_samples_per_prompt
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but the batch has {batch_size} samples "
@@ -157,9 +162,8 @@ class DDLMPipeline(DiffusionPipeline):
 
     def _encode_prompts(self, prompt, length) -> list[list[int]]:
         """Token ids of each prompt, without special tokens, truncated to `length` as the tokenizer truncates."""
-        prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else prompt
         encoded = []
-        for text in prompts:
+        for text in _prompt_list(prompt):
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
             if len(ids) > length:
                 ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=length)["input_ids"]
