@@ -8,7 +8,7 @@ _PACKAGES = ["hf-ext", "torch", "transformers", "trl", "peft", "diffusers", "acc
              "huggingface_hub", "safetensors", "scipy", "fla-core", "triton"]
 
 
-def installed_version(distribution: str) -> str:
+def _installed_version(distribution: str) -> str:
     """The installed version of ``distribution``, or ``"not installed"``."""
     try:
         return importlib.metadata.version(distribution)
@@ -27,7 +27,7 @@ def collect_env() -> dict[str, str]:
     torch_build = f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda else torch.__version__
     info = {"python": platform.python_version(), "platform": platform.platform()}
     for name in _PACKAGES:
-        info[name] = torch_build if name == "torch" else installed_version(name)
+        info[name] = torch_build if name == "torch" else _installed_version(name)
 
     if torch.cuda.is_available():
         info["device"] = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"

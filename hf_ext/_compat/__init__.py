@@ -21,7 +21,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hf_ext.env import installed_version
+from hf_ext.env import _installed_version
 
 
 class PrivateAPIChanged(RuntimeError):
@@ -84,7 +84,7 @@ def _checked_note(function: str) -> str:
     touch = PRIVATE_TOUCHES.get(function)
     if touch is None:
         return ""
-    installed = installed_version(touch.library)
+    installed = _installed_version(touch.library)
     return f"hf_ext checked it on {touch.library} {touch.checked_on} (installed: {installed})."
 
 

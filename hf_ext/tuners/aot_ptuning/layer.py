@@ -198,7 +198,7 @@ def build_table(config, embedding_weight: torch.Tensor, hidden_size: int) -> AoT
     return AoTRawTable(vocab_size, hidden_size, config.init_weights)
 
 
-def rows_by_adapter(adapter_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+def _rows_by_adapter(adapter_names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
     """The row indices of ``batch`` that each adapter in ``adapter_names`` (one name per example) takes, on
     ``batch``'s device, in order of first appearance."""
     if len(adapter_names) != batch.shape[0]:
@@ -283,7 +283,7 @@ class AoTPTuningLayer(nn.Module, BaseTunerLayer):
         see BENCHMARKS.md).
         """
         bias = torch.empty_like(hidden_states)
-        for adapter_name, rows in rows_by_adapter(adapter_names, hidden_states).items():
+        for adapter_name, rows in _rows_by_adapter(adapter_names, hidden_states).items():
             if adapter_name in self.aot_reparam:
                 part = self.bias(adapter_name, token_ids.index_select(0, rows))  # [n, T, d]
                 bias.index_copy_(0, rows, part.to(bias.dtype))

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .config import AoTPTuningConfig
-from .layer import AoTPTuningLayer, AoTTokenIds, rows_by_adapter
+from .layer import AoTPTuningLayer, AoTTokenIds, _rows_by_adapter
 
 # Where transformers keeps its Transformer layers: BERT/RoBERTa/DeBERTa `encoder.layer`, Llama `model.layers`,
 # GPT-2 `transformer.h`, T5 `encoder.block` and `decoder.block`, others `blocks`.
@@ -94,7 +94,7 @@ def _route_by_adapter(wrapper: ModulesToSaveWrapper, adapter_names: list[str], h
     modules, while classification heads such as `RobertaClassificationHead` are small stacks of them.
     """
     output = None
-    for name, rows in rows_by_adapter(adapter_names, hidden_states).items():
+    for name, rows in _rows_by_adapter(adapter_names, hidden_states).items():
         head = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
         part = head(hidden_states[rows], *args, **kwargs)
         if output is None:
