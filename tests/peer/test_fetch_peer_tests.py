@@ -19,6 +19,20 @@ def _git(repo, *args):
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def test_the_test_extra_installs_the_pinned_peer_versions():
+    # `pip install -e .[test]` must give the versions SUITES has pins for, or the fetch (and CI) stops at the next
+    # peer release.
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    test_extra = [r for r in map(Requirement, requires("hf-ext")) if r.marker and r.marker.evaluate({"extra": "test"})]
+    pinned = {r.name: str(r.specifier) for r in test_extra}
+    assert {suite.library: pinned.get(suite.library) for suite in SUITES.values()} == {
+        suite.library: f"=={suite.version}" for suite in SUITES.values()
+    }
+
+
 def test_marker_scan_lists_the_peers_own_markers_only():
     files = {
         "tests/a.py": b"@pytest.mark.generate\n@mark.flash_attn_test\n@pytest.mark.parametrize('x', [1])\n"
